@@ -1,0 +1,269 @@
+"""Command line of sec-online: ``sec-online SUBCOMMAND --help`` describes each subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from sec_online.settings import Settings, SettingsError
+
+logger = logging.getLogger("sec_online")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # kafka-python logs every connection at INFO; keep its warnings and errors only.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        settings = Settings.from_env()
+        return int(args.run(settings, args) or 0)
+    except SettingsError as exc:
+        print(f"sec-online: invalid settings: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sec-online",
+        description="Streaming Stratified Expert Cloning on Kafka. Settings come from SEC_* "
+        "environment variables; `sec-online config` prints them.",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_broker(commands)
+    _add_topics(commands)
+    _add_worker(commands)
+    _add_replay(commands)
+    _add_recommend(commands)
+    _add_demo(commands)
+    config = commands.add_parser("config", help="print the effective settings as JSON")
+    config.set_defaults(run=_run_config)
+    return parser
+
+
+def _add_broker(commands: argparse._SubParsersAction) -> None:
+    broker = commands.add_parser(
+        "broker", help="manage the local Apache Kafka broker (KRaft) on 127.0.0.1"
+    )
+    broker.add_argument("action", choices=["start", "stop", "status"])
+    broker.add_argument(
+        "--timeout", type=float, default=90.0, help="seconds to wait for start or stop"
+    )
+    broker.set_defaults(run=_run_broker)
+
+
+def _add_topics(commands: argparse._SubParsersAction) -> None:
+    topics = commands.add_parser("topics", help="create the topics the worker uses")
+    topics.set_defaults(run=_run_topics)
+
+
+def _add_worker(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help="start a worker; workers with the same SEC_APP_ID share the partitions as one "
+        "consumer group",
+    )
+    worker.add_argument(
+        "--web-port", type=int, default=None, help="HTTP port (default: SEC_WEB_PORT)"
+    )
+    worker.set_defaults(run=_run_worker)
+
+
+def _add_replay(commands: argparse._SubParsersAction) -> None:
+    replay = commands.add_parser(
+        "replay", help="publish a KuaiRand log to the impressions and returns topics"
+    )
+    replay.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        help="log_standard_*.csv[.gz] files (default: every log in SEC_DATA_DIR)",
+    )
+    replay.add_argument(
+        "--speed",
+        type=float,
+        default=0.0,
+        help="replay speed as a multiple of real time; 0 publishes as fast as possible",
+    )
+    replay.add_argument("--start-ms", type=int, default=None, help="first request time, Unix ms")
+    replay.add_argument("--end-ms", type=int, default=None, help="end of the range, Unix ms")
+    replay.add_argument("--limit", type=int, default=None, help="publish at most N impressions")
+    replay.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    replay.set_defaults(run=_run_replay)
+
+
+def _add_recommend(commands: argparse._SubParsersAction) -> None:
+    recommend = commands.add_parser(
+        "recommend", help="ask a running worker for a user's recommendation"
+    )
+    recommend.add_argument("user_id", type=int)
+    recommend.add_argument("--top", type=int, default=5, help="number of clusters to return")
+    recommend.add_argument(
+        "--url", default=None, help="worker base URL (default: http://127.0.0.1:SEC_WEB_PORT)"
+    )
+    recommend.add_argument("--timeout", type=float, default=10.0, help="HTTP timeout, seconds")
+    recommend.set_defaults(run=_run_recommend)
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run the main job: broker, topics, worker, replay of the log, summary and plot",
+    )
+    demo.add_argument("--limit", type=int, default=None, help="replay at most N impressions")
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        help="seconds to wait for the worker to process every event",
+    )
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave the worker and the managed broker running afterwards",
+    )
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_config(settings: Settings, args: argparse.Namespace) -> int:
+    print(json.dumps(settings.public_dict(), indent=2))
+    return 0
+
+
+def _run_broker(settings: Settings, args: argparse.Namespace) -> int:
+    from sec_online.broker import ManagedBroker
+
+    if not settings.managed_broker:
+        print(
+            f"sec-online: SEC_BOOTSTRAP_SERVERS={settings.bootstrap_servers} names an external "
+            "cluster; unset it to manage the local broker",
+            file=sys.stderr,
+        )
+        return 2
+    broker = ManagedBroker(settings)
+    if args.action == "start":
+        status = broker.start(timeout_s=args.timeout)
+    elif args.action == "stop":
+        broker.stop(timeout_s=args.timeout)
+        status = broker.status()
+    else:
+        status = broker.status()
+    print(json.dumps(_plain(status), indent=2, default=str))
+    return 0
+
+
+def _run_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from sec_online.kafka_admin import wait_for_broker
+    from sec_online.runtime import create_topics
+
+    wait_for_broker(settings.bootstrap, timeout_s=30.0)
+    for name in create_topics(settings):
+        print(name)
+    return 0
+
+
+def _run_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from sec_online.runtime import run_worker
+
+    return run_worker(settings, web_port=args.web_port)
+
+
+def _run_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from sec_online.kafka_admin import wait_for_broker
+    from sec_online.replay import replay
+    from sec_online.runtime import create_topics
+
+    wait_for_broker(settings.bootstrap, timeout_s=30.0)
+    create_topics(settings)
+    report = replay(
+        settings,
+        args.paths or None,
+        speed=args.speed or None,
+        start_ms=args.start_ms,
+        end_ms=args.end_ms,
+        limit=args.limit,
+        progress=not args.no_progress,
+    )
+    print(json.dumps(_plain(report), indent=2, default=str))
+    return 0
+
+
+def _run_recommend(settings: Settings, args: argparse.Namespace) -> int:
+    base = args.url or f"http://127.0.0.1:{settings.web_port}"
+    url = f"{base.rstrip('/')}/recommend/{args.user_id}/?top={args.top}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            body = json.load(response)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"sec-online: worker at {base} answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        print(
+            f"sec-online: no worker reachable at {base} ({exc}); start one with "
+            "`sec-online worker` or pass --url",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(body, indent=2))
+    return 0
+
+
+def _run_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from sec_online.demo import run_demo
+
+    summary = run_demo(
+        settings, limit=args.limit, timeout_s=args.timeout, keep_running=args.keep_running
+    )
+    print(json.dumps({key: summary[key] for key in _DEMO_HEADLINE if key in summary}, indent=2))
+    return 0
+
+
+_DEMO_HEADLINE = (
+    "impressions_in_log",
+    "impressions_consumed",
+    "returns_published",
+    "users",
+    "samples",
+    "training_steps",
+    "loss_first",
+    "loss_last",
+    "policy_versions_published",
+    "dead_letters",
+    "wall_seconds",
+    "events_per_second",
+    "summary_file",
+    "plot_file",
+)
+
+
+def _plain(value: object) -> object:
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {key: _plain(item) for key, item in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

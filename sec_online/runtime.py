@@ -1,0 +1,65 @@
+"""Start-up steps shared by the worker, replay and the main job: topics and the Faust worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from sec_online import topics
+from sec_online.kafka_admin import TopicSpec, ensure_topics, wait_for_broker
+from sec_online.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# Events and samples are kept forever, so replaying the topics re-runs a past experiment exactly;
+# dead letters and policy updates are kept for a week.
+KEEP_FOREVER = {"retention.ms": "-1"}
+WEEK_MS = str(7 * 24 * 3600 * 1000)
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    """Every topic the worker reads or writes, with its partition count."""
+    specs = [
+        TopicSpec(name, settings.partitions, dict(KEEP_FOREVER))
+        for name in topics.user_keyed(settings)
+    ]
+    specs.append(TopicSpec(settings.topic(topics.SAMPLES), 1, dict(KEEP_FOREVER)))
+    specs.append(
+        TopicSpec(
+            settings.topic(topics.POLICY_UPDATES),
+            1,
+            {"retention.ms": WEEK_MS, "max.message.bytes": str(8 * 1024 * 1024)},
+        )
+    )
+    specs.append(TopicSpec(settings.topic(topics.DEAD_LETTERS), 1, {"retention.ms": WEEK_MS}))
+    return specs
+
+
+def create_topics(settings: Settings) -> list[str]:
+    """Create missing topics; raise if an existing one has another partition count."""
+    specs = topic_specs(settings)
+    ensure_topics(settings.bootstrap, specs)
+    return [spec.name for spec in specs]
+
+
+def run_worker(settings: Settings, web_port: int | None = None) -> int:
+    """Run one Faust worker in this process until it is stopped (SIGTERM or Ctrl-C)."""
+    import faust
+
+    from streams.app import build_worker
+
+    if web_port is not None:
+        settings = dataclasses.replace(settings, web_port=web_port)
+    wait_for_broker(settings.bootstrap, timeout_s=60.0)
+    create_topics(settings)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    worker = build_worker(settings)
+    logger.info(
+        "starting worker app_id=%s bootstrap=%s web=http://127.0.0.1:%d partitions=%d",
+        settings.app_id,
+        settings.bootstrap,
+        settings.web_port,
+        settings.partitions,
+    )
+    faust.Worker(worker.app, loglevel="INFO", redirect_stdouts=False).execute_from_commandline()
+    return 0

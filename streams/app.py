@@ -1,0 +1,266 @@
+"""Faust application of the sec-online worker: topics, the users table, agents and web pages.
+
+Agents stay thin: they decode, call the domain code in ``sec_online`` and emit. A record that
+fails to decode or validate, or that contradicts the user's state, goes to the dead-letter topic
+with its reason and original bytes, and the agent goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from sec_online import topics
+from sec_online.clusters import VideoClusters, build_clusters
+from sec_online.schemas import (
+    InvalidRecord,
+    Sample,
+    decode_impression,
+    decode_return,
+    decode_sample,
+    encode,
+)
+from sec_online.settings import Settings
+from sec_online.userstate import APPLIED, StateConflict, UserStateMachine
+from streams.metrics import WorkerMetrics
+from streams.policy_follower import PolicyFollower
+from streams.training import TrainerService
+
+logger = logging.getLogger(__name__)
+
+USERS_TABLE = "users"
+# Record the users-per-level timeline every this many applied returns.
+TIMELINE_EVERY_RETURNS = 200
+
+
+@dataclass
+class Worker:
+    """The Faust app of one worker process and the domain objects its agents share."""
+
+    settings: Settings
+    app: faust.App
+    users: Any
+    machine: UserStateMachine
+    clusters: VideoClusters
+    metrics: WorkerMetrics
+    policy: PolicyFollower
+    trainer: TrainerService
+    impressions_topic: Any
+    returns_topic: Any
+    samples_topic: Any
+    dead_letters_topic: Any
+
+
+def build_worker(settings: Settings) -> Worker:
+    """Create the Faust app with its topics, table, agents, timers and pages."""
+    app = faust.App(
+        settings.app_id,
+        broker=[f"kafka://{server}" for server in settings.bootstrap.split(",")],
+        store="rocksdb://",
+        datadir=str(settings.work_dir / "faust"),
+        web_port=settings.web_port,
+        web_host="127.0.0.1",
+        web_bind=settings.web_host,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        table_key_index_size=10_000,
+        producer_acks=-1,
+    )
+    worker = _assemble(settings, app)
+    _register_event_agents(worker)
+    _register_trainer(worker)
+    _register_pages(worker)
+    return worker
+
+
+def _raw_topic(app: faust.App, name: str, partitions: int) -> Any:
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
+
+
+def _assemble(settings: Settings, app: faust.App) -> Worker:
+    clusters = build_clusters(settings)
+    machine = UserStateMachine(settings.clusters, clusters.cluster_of, settings.score_decay)
+    users = app.Table(
+        USERS_TABLE,
+        # Raw keys equal the Kafka keys of the source topics (the user id as decimal text), so
+        # the table's partition for a user is the partition of that user's events.
+        schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),
+        partitions=settings.partitions,
+        options={"driver": "rocksdict"},
+    )
+    metrics = WorkerMetrics()
+    policy = PolicyFollower(settings)
+    samples_topic = _raw_topic(app, settings.topic(topics.SAMPLES), 1)
+    trainer = TrainerService(settings, app, machine.n_features, metrics)
+    return Worker(
+        settings=settings,
+        app=app,
+        users=users,
+        machine=machine,
+        clusters=clusters,
+        metrics=metrics,
+        policy=policy,
+        trainer=trainer,
+        impressions_topic=_raw_topic(app, settings.topic(topics.IMPRESSIONS), settings.partitions),
+        returns_topic=_raw_topic(app, settings.topic(topics.RETURNS), settings.partitions),
+        samples_topic=samples_topic,
+        dead_letters_topic=_raw_topic(app, settings.topic(topics.DEAD_LETTERS), 1),
+    )
+
+
+async def dead_letter(worker: Worker, event: Any, reason: str, message: str) -> None:
+    """Send a record that could not be applied to the dead-letter topic, and count it."""
+    meta = event.message
+    record = {
+        "reason": reason,
+        "message": message,
+        "topic": meta.topic,
+        "partition": meta.partition,
+        "offset": meta.offset,
+        "key_b64": base64.b64encode(meta.key or b"").decode(),
+        "value_b64": base64.b64encode(meta.value or b"").decode(),
+        "dead_lettered_ms": int(time.time() * 1000),
+    }
+    worker.metrics.dead_letters[reason] += 1
+    logger.warning(
+        "dead-lettered record topic=%s partition=%s offset=%s reason=%s: %s",
+        meta.topic,
+        meta.partition,
+        meta.offset,
+        reason,
+        message,
+    )
+    await worker.dead_letters_topic.send(key=meta.key, value=json.dumps(record).encode())
+
+
+async def _emit_samples(worker: Worker, samples: list[Sample]) -> None:
+    for sample in samples:
+        await worker.samples_topic.send(key=str(sample.user_id).encode(), value=encode(sample))
+        worker.metrics.samples_emitted += 1
+
+
+def _register_event_agents(worker: Worker) -> None:
+    app, metrics = worker.app, worker.metrics
+
+    @app.agent(worker.impressions_topic, name="impressions")
+    async def impressions(stream: Any) -> None:
+        async for event in stream.events():
+            metrics.consumed["impressions"] += 1
+            await _handle_impression(worker, event)
+
+    @app.agent(worker.returns_topic, name="returns")
+    async def returns(stream: Any) -> None:
+        async for event in stream.events():
+            metrics.consumed["returns"] += 1
+            await _handle_return(worker, event)
+
+
+async def _handle_impression(worker: Worker, event: Any) -> None:
+    try:
+        record = decode_impression(event.message.value)
+        _check_key(event, record.user_id)
+        key = event.message.key
+        previous = worker.users.get(key)
+        old_level = _level(previous)
+        outcome = worker.machine.apply_impression(previous, record)
+    except (InvalidRecord, StateConflict) as exc:
+        await dead_letter(worker, event, exc.reason, exc.message)
+        return
+    _store(worker, key, previous is None, old_level, outcome.state)
+    _count(worker.metrics, "impressions", outcome.status, record.time_ms)
+    await _emit_samples(worker, outcome.samples)
+
+
+async def _handle_return(worker: Worker, event: Any) -> None:
+    boundaries, version = worker.policy.boundaries()
+    try:
+        record = decode_return(event.message.value)
+        _check_key(event, record.user_id)
+        key = event.message.key
+        previous = worker.users.get(key)
+        old_level = _level(previous)
+        outcome = worker.machine.apply_return(previous, record, boundaries, version)
+    except (InvalidRecord, StateConflict) as exc:
+        await dead_letter(worker, event, exc.reason, exc.message)
+        return
+    _store(worker, key, previous is None, old_level, outcome.state)
+    _count(worker.metrics, "returns", outcome.status, record.time_ms)
+    applied = worker.metrics.applied["returns"]
+    if outcome.status == APPLIED and applied % TIMELINE_EVERY_RETURNS == 0:
+        worker.metrics.record_levels(record.time_ms)
+    await _emit_samples(worker, outcome.samples)
+
+
+def _check_key(event: Any, user_id: int) -> None:
+    expected = str(user_id).encode()
+    if event.message.key != expected:
+        raise InvalidRecord(
+            "wrong_key", f"record key {event.message.key!r} does not match user_id {user_id}"
+        )
+
+
+def _level(state: dict | None) -> int | None:
+    # The state machine updates the stored dict in place, so read the level before applying.
+    return None if state is None else state["level"]
+
+
+def _store(worker: Worker, key: bytes, new_user: bool, old_level: int | None, state: dict) -> None:
+    worker.users[key] = state
+    if new_user:
+        worker.metrics.add_user(state["level"])
+    else:
+        worker.metrics.move_user(old_level, state["level"])
+
+
+def _count(metrics: WorkerMetrics, kind: str, status: str, event_ms: int) -> None:
+    if status == APPLIED:
+        metrics.applied[kind] += 1
+    else:
+        metrics.duplicates[kind] += 1
+    metrics.last_event_ms = max(metrics.last_event_ms, event_ms)
+
+
+def _register_trainer(worker: Worker) -> None:
+    app, service = worker.app, worker.trainer
+
+    @app.agent(worker.samples_topic, name="trainer")
+    async def trainer(stream: Any) -> None:
+        async for batch in stream.take(worker.settings.batch_size, within=1.0):
+            samples = []
+            for raw in batch:
+                try:
+                    samples.append(decode_sample(raw))
+                except InvalidRecord as exc:
+                    service.invalid_samples += 1
+                    logger.error("invalid record on the samples topic: %s", exc)
+            await service.learn(samples)
+
+    @app.timer(interval=1.0)
+    async def publish_due() -> None:
+        await service.publish_if_due()
+
+    @app.task
+    async def follow_policy() -> None:
+        await worker.policy.run()
+
+
+def _register_pages(worker: Worker) -> None:
+    from streams.pages import register_pages
+
+    register_pages(worker)

@@ -1,0 +1,99 @@
+"""HTTP pages of the worker, served by Faust's web server on 127.0.0.1:``web_port``.
+
+- ``/health/``: liveness.
+- ``/stats/``: counters of this worker; ``?exact=1`` adds users per level counted from the table.
+- ``/users/{user_id}/``: the user's state, from the worker that owns the user's partition.
+- ``/recommend/{user_id}/``: selected level, the expert's top clusters and the policy version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from streams.app import Worker
+
+
+def register_pages(worker: Worker) -> None:
+    """Add the worker's pages to its Faust app."""
+    app = worker.app
+
+    @app.page("/health/")
+    async def health(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/stats/")
+    async def stats(web: Any, request: Any) -> Any:
+        return web.json(_stats(worker, exact=request.query.get("exact") == "1"))
+
+    @app.page("/users/{user_id}/")
+    @app.table_route(table=worker.users, match_info="user_id")
+    async def user_state(web: Any, request: Any, user_id: str) -> Any:
+        state = worker.users.get(user_id.encode())
+        if state is None:
+            return web.json({"error": f"user {user_id} not found"}, status=404)
+        return web.json(state)
+
+    @app.page("/recommend/{user_id}/")
+    @app.table_route(table=worker.users, match_info="user_id")
+    async def recommend(web: Any, request: Any, user_id: str) -> Any:
+        body, status = recommend_for(worker, user_id, int(request.query.get("top", "5")))
+        return web.json(body, status=status)
+
+
+def recommend_for(worker: Worker, user_id: str, top_k: int) -> tuple[dict[str, Any], int]:
+    """Recommendation for one user as a JSON body and an HTTP status."""
+    if not user_id.isdigit():
+        return {"error": f"invalid user id {user_id!r}: expected a non-negative integer"}, 400
+    policy = worker.policy.policy
+    if policy is None:
+        return {"error": "no policy update received yet; wait for the trainer to publish"}, 503
+    state = worker.users.get(user_id.encode())
+    if state is None:
+        state = worker.machine.new_state(int(user_id))
+    features = worker.machine.features(state)
+    historical = worker.machine.historical_level(state)
+    recommendation = policy.recommend(features, historical, top_k=top_k)
+    body = dataclasses.asdict(recommendation)
+    body["user_id"] = int(user_id)
+    body["known_user"] = state["impressions"] > 0 or state["returns"] > 0
+    return body, 200
+
+
+def _stats(worker: Worker, *, exact: bool) -> dict[str, Any]:
+    body = worker.metrics.as_dict()
+    body["trainer"] = worker.trainer.as_dict()
+    update = worker.policy.update
+    body["policy"] = {
+        "version": update.version if update else 0,
+        "samples_seen": update.samples_seen if update else 0,
+        "created_ms": update.created_ms if update else None,
+        "boundaries": worker.policy.boundaries()[0],
+        "selector": update.selector if update else None,
+        "invalid_updates": worker.policy.invalid_updates,
+    }
+    if exact:
+        body["table"] = _scan_users(worker)
+    return body
+
+
+def _scan_users(worker: Worker) -> dict[str, Any]:
+    levels: Counter[str] = Counter()
+    users = open_sessions = pending = 0
+    example, most_closed = None, -1
+    for _key, state in worker.users.items():
+        users += 1
+        if state["closed_sessions"] > most_closed:
+            example, most_closed = state["user_id"], state["closed_sessions"]
+        levels["unrated" if state["level"] is None else str(state["level"])] += 1
+        open_sessions += len(state["open"])
+        pending += len(state["pending"])
+    return {
+        "users": users,
+        "users_per_level": dict(levels),
+        "open_sessions": open_sessions,
+        "pending_closes": pending,
+        "most_active_user": example,
+    }
