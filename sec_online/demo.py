@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_PREFIX = "demo."
 DEMO_APP_ID = "sec-online-demo"
+# Steps in the moving average drawn over the per-step training loss.
+LOSS_WINDOW = 50
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -204,7 +206,12 @@ def plot_demo(stats: dict[str, Any], path: Path) -> None:
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     loss = stats["loss_timeline"]
     if loss:
-        top.plot([when(p["event_ms"]) for p in loss], [p["loss"] for p in loss], lw=0.8)
+        times = [when(p["event_ms"]) for p in loss]
+        values = [p["loss"] for p in loss]
+        top.plot(times, values, lw=0.5, alpha=0.4, label="one step")
+        smooth = _moving_average(values, LOSS_WINDOW)
+        top.plot(times, smooth, lw=1.5, label=f"mean of {LOSS_WINDOW} steps")
+        top.legend(loc="upper right")
     top.set_ylabel("training loss")
     top.set_title("SEC experts fine-tuned from the stream")
     timeline = stats["level_timeline"]
@@ -223,3 +230,14 @@ def plot_demo(stats: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    """Mean of each value and up to ``window - 1`` values before it."""
+    sums, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        sums.append(total / min(index + 1, window))
+    return sums

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
+from sec_online.data import SIGNAL_COLUMNS
 from sec_online.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -25,16 +26,6 @@ HISTORY_DECAY = 0.8
 # A row's watch ratio is play time over duration, capped, and 0 when the duration is not positive.
 WATCH_CAP = 3.0
 MS_PER_DAY = 86_400_000
-# Log columns of the seven feedback signals, in ``sec_online.schemas.FEEDBACK_SIGNALS`` order.
-SIGNAL_COLUMNS = (
-    "is_click",
-    "long_view",
-    "is_like",
-    "is_comment",
-    "is_forward",
-    "is_follow",
-    "is_hate",
-)
 # Signals that add to a row's action weight, and the one that subtracts.
 POSITIVE_ACTION_COLUMNS = ("long_view", "is_like", "is_comment", "is_forward", "is_follow")
 NEGATIVE_ACTION_COLUMN = "is_hate"

@@ -45,6 +45,7 @@ def create_topics(settings: Settings) -> list[str]:
 def run_worker(settings: Settings, web_port: int | None = None) -> int:
     """Run one Faust worker in this process until it is stopped (SIGTERM or Ctrl-C)."""
     import faust
+    import torch
 
     from streams.app import build_worker
 
@@ -53,6 +54,8 @@ def run_worker(settings: Settings, web_port: int | None = None) -> int:
     wait_for_broker(settings.bootstrap, timeout_s=60.0)
     create_topics(settings)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
+    # The models are small: one thread per matrix product avoids contention with the event loop.
+    torch.set_num_threads(1)
     worker = build_worker(settings)
     logger.info(
         "starting worker app_id=%s bootstrap=%s web=http://127.0.0.1:%d partitions=%d",

@@ -51,7 +51,7 @@ class WorkerProcess:
         """Start the child process; its output goes to ``log_file``."""
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         logger.info("starting worker web=%s log=%s", self.base_url, self.log_file)
-        with self.log_file.open("ab") as handle:
+        with self.log_file.open("wb") as handle:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "sec_online.cli", "worker"],
                 env=worker_env(self.settings),

@@ -23,7 +23,6 @@ from sec_online.schemas import (
     Sample,
     decode_impression,
     decode_return,
-    decode_sample,
     encode,
 )
 from sec_online.settings import Settings
@@ -77,7 +76,7 @@ def build_worker(settings: Settings) -> Worker:
     )
     worker = _assemble(settings, app)
     _register_event_agents(worker)
-    _register_trainer(worker)
+    _register_tasks(worker)
     _register_pages(worker)
     return worker
 
@@ -106,8 +105,7 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
     )
     metrics = WorkerMetrics()
     policy = PolicyFollower(settings)
-    samples_topic = _raw_topic(app, settings.topic(topics.SAMPLES), 1)
-    trainer = TrainerService(settings, app, machine.n_features, metrics)
+    trainer = TrainerService(settings, machine.n_features, metrics)
     return Worker(
         settings=settings,
         app=app,
@@ -119,7 +117,7 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
         trainer=trainer,
         impressions_topic=_raw_topic(app, settings.topic(topics.IMPRESSIONS), settings.partitions),
         returns_topic=_raw_topic(app, settings.topic(topics.RETURNS), settings.partitions),
-        samples_topic=samples_topic,
+        samples_topic=_raw_topic(app, settings.topic(topics.SAMPLES), 1),
         dead_letters_topic=_raw_topic(app, settings.topic(topics.DEAD_LETTERS), 1),
     )
 
@@ -236,24 +234,12 @@ def _count(metrics: WorkerMetrics, kind: str, status: str, event_ms: int) -> Non
     metrics.last_event_ms = max(metrics.last_event_ms, event_ms)
 
 
-def _register_trainer(worker: Worker) -> None:
-    app, service = worker.app, worker.trainer
+def _register_tasks(worker: Worker) -> None:
+    app = worker.app
 
-    @app.agent(worker.samples_topic, name="trainer")
-    async def trainer(stream: Any) -> None:
-        async for batch in stream.take(worker.settings.batch_size, within=1.0):
-            samples = []
-            for raw in batch:
-                try:
-                    samples.append(decode_sample(raw))
-                except InvalidRecord as exc:
-                    service.invalid_samples += 1
-                    logger.error("invalid record on the samples topic: %s", exc)
-            await service.learn(samples)
-
-    @app.timer(interval=1.0)
-    async def publish_due() -> None:
-        await service.publish_if_due()
+    @app.task
+    async def train() -> None:
+        await worker.trainer.run()
 
     @app.task
     async def follow_policy() -> None:

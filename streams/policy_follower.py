@@ -16,10 +16,9 @@ from sec_online import topics
 from sec_online.levels import even_boundaries
 from sec_online.policy import InvalidPolicyUpdate, Policy, PolicyUpdate, decode_update
 from sec_online.settings import Settings
+from streams.retry import run_forever
 
 logger = logging.getLogger(__name__)
-
-RETRY_SECONDS = 2.0
 
 
 class PolicyFollower:
@@ -57,21 +56,7 @@ class PolicyFollower:
 
     async def run(self) -> None:
         """Consume the topic until cancelled, reconnecting after broker errors."""
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                await self._consume()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any client error: log, wait, reconnect
-                logger.warning(
-                    "policy-updates consumer failed (attempt %d), retrying in %.0f s: %s",
-                    attempt,
-                    RETRY_SECONDS,
-                    exc,
-                )
-                await asyncio.sleep(RETRY_SECONDS)
+        await run_forever("policy-updates consumer", self._consume, logger)
 
     async def _consume(self) -> None:
         consumer = AIOKafkaConsumer(

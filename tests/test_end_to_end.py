@@ -11,6 +11,7 @@ import base64
 import dataclasses
 import json
 import socket
+import urllib.error
 from pathlib import Path
 
 import pandas as pd
@@ -199,3 +200,22 @@ def test_policy_update_served(pipeline):
     probabilities = [pair[1] for pair in served["actions"]]
     assert probabilities == sorted(probabilities, reverse=True)
     assert 0 <= served["level"] <= served["historical_level"]
+
+
+def test_recommend_command(pipeline, capsys):
+    from sec_online.cli import main
+
+    settings, worker, _, stats = pipeline
+    user_id = stats["table"]["most_active_user"]
+    assert main(["recommend", str(user_id), "--url", worker.base_url, "--top", "3"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["user_id"] == user_id
+    assert body["version"] == stats["trainer"]["version"]
+    assert len(body["actions"]) == 3
+
+
+def test_recommend_invalid_user(pipeline):
+    _, worker, _, _ = pipeline
+    with pytest.raises(urllib.error.HTTPError) as error:
+        worker.get("/recommend/not-a-user/")
+    assert error.value.code in (400, 404)
