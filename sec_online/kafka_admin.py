@@ -409,13 +409,25 @@ def end_offsets(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int
     TopicNotFound
         If the topic does not exist.
     """
+    return _list_offsets(bootstrap, topic, OffsetSpec.LATEST, timeout_s)
+
+
+def offset_ranges(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[int, list[int]]:
+    """Return ``[first, end)`` offsets of each partition: the records a full read would get."""
+    deadline = time.monotonic() + timeout_s
+    firsts = _list_offsets(bootstrap, topic, OffsetSpec.EARLIEST, timeout_s)
+    ends = _list_offsets(bootstrap, topic, OffsetSpec.LATEST, max(deadline - time.monotonic(), 1))
+    return {partition: [firsts[partition], ends[partition]] for partition in sorted(ends)}
+
+
+def _list_offsets(bootstrap: str, topic: str, spec: Any, timeout_s: float) -> dict[int, int]:
     deadline = time.monotonic() + timeout_s
     with _admin(bootstrap, timeout_s) as admin:
         partitions = _partitions_of(admin, bootstrap, topic)
-        specs = {TopicPartition(topic, partition): OffsetSpec.LATEST for partition in partitions}
+        specs = {TopicPartition(topic, partition): spec for partition in partitions}
         offsets = _retry(
             lambda: admin.list_partition_offsets(specs, timeout_ms=_remaining_ms(deadline)),
-            f"listing end offsets of topic {topic}",
+            f"listing offsets of topic {topic}",
             deadline,
         )
     return {tp.partition: found.offset for tp, found in offsets.items()}
@@ -470,6 +482,29 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Consum
     TimeoutError
         If the records up to the end offsets could not be read within ``timeout_s`` seconds.
     """
+    records, _ = read_range(bootstrap, topic, timeout_s=timeout_s)
+    return records
+
+
+def read_range(
+    bootstrap: str,
+    topic: str,
+    *,
+    start: dict[int, int] | None = None,
+    end: dict[int, int] | None = None,
+    timeout_s: float = 30.0,
+) -> tuple[list[ConsumerRecord], dict[int, tuple[int, int]]]:
+    """Read the records of ``topic`` in ``[start, end)`` offsets, per partition.
+
+    A partition missing from ``start`` starts at its beginning offset, and one missing from
+    ``end`` ends at the end offset taken when the call starts; an ``end`` past that is cut to it.
+
+    Returns
+    -------
+    records, offsets
+        Undecoded records ordered by partition, then offset, and for each partition the
+        ``(start, end)`` offsets actually read, for reports that must say what they read.
+    """
     deadline = time.monotonic() + timeout_s
     with _admin(bootstrap, timeout_s) as admin:
         partitions = _partitions_of(admin, bootstrap, topic)
@@ -483,14 +518,19 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Consum
     )
     try:
         consumer.assign(assigned)
-        ends = consumer.end_offsets(assigned, timeout_ms=_remaining_ms(deadline))
-        consumer.seek_to_beginning(*assigned)
+        firsts = consumer.beginning_offsets(assigned, timeout_ms=_remaining_ms(deadline))
+        lasts = consumer.end_offsets(assigned, timeout_ms=_remaining_ms(deadline))
+        begins = {tp: max(firsts[tp], (start or {}).get(tp.partition, 0)) for tp in assigned}
+        ends = {tp: min(lasts[tp], (end or {}).get(tp.partition, lasts[tp])) for tp in assigned}
+        for tp in assigned:
+            consumer.seek(tp, begins[tp])
         records = _read_until(consumer, ends, deadline, topic, timeout_s)
     except _CONNECTION_ERRORS as exc:
         raise BrokerUnavailable(bootstrap, exc) from exc
     finally:
         consumer.close()
-    return [record for tp in assigned for record in records[tp]]
+    offsets = {tp.partition: (begins[tp], max(begins[tp], ends[tp])) for tp in assigned}
+    return [record for tp in assigned for record in records[tp]], offsets
 
 
 def _read_until(
