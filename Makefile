@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint tools clean
+.PHONY: demo eval test lint tools clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ tools:
 
 demo: $(STAMP) tools
 	$(BIN)/sec-online demo
+
+eval: $(STAMP) tools
+	$(BIN)/sec-online evaluate
 
 lint: $(STAMP)
 	$(BIN)/ruff check sec_online streams state tests

@@ -166,6 +166,7 @@ def build_summary(
         "wall_seconds": round(wall_seconds, 1),
         "replay_seconds": round(replayed.seconds, 1),
         "events_per_second": round(events / wall_seconds, 1),
+        "evaluation_report": _evaluation_report(settings),
         "settings": settings.public_dict(),
         "topics": {name: settings.topic(name) for name in _TOPIC_NAMES},
     }
@@ -178,6 +179,16 @@ _TOPIC_NAMES = (
     topics.POLICY_UPDATES,
     topics.DEAD_LETTERS,
 )
+
+
+def _evaluation_report(settings: Settings) -> dict[str, Any]:
+    """Where the offline evaluation writes its report, and whether one exists yet."""
+    table = settings.reports_dir / "eval" / "table.md"
+    return {
+        "table": str(table),
+        "exists": table.exists(),
+        "how": "make eval (sec-online evaluate) replays the recorded topics into a simulator",
+    }
 
 
 def _levels(counts: dict[str, int], boundaries: list[float], levels: int) -> dict[str, Any]:
