@@ -72,6 +72,9 @@ class EvalConfig:
     start_ms: int | None = None
     end_ms: int | None = None
     simulator_seed: int = 0
+    # Training budgets; None keeps each trainer's own default.
+    simulator_epochs: int | None = None
+    cloning_epochs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -136,7 +139,8 @@ def _build_world(settings: Settings, config: EvalConfig, recorded: RecordedLog) 
 
     clusters = build_clusters(settings)
     dataset = build_dataset(recorded.log, settings, clusters, config.split_day)
-    simulator = UserSimulator.fit(dataset, seed=config.simulator_seed)
+    fit_options = {} if config.simulator_epochs is None else {"epochs": config.simulator_epochs}
+    simulator = UserSimulator.fit(dataset, seed=config.simulator_seed, **fit_options)
     validation = simulator.validate(dataset, seed=config.simulator_seed)
     return {
         "dataset": dataset,
@@ -208,6 +212,8 @@ def _builders(
     def cloned(name: str, action_type: str = "discrete") -> Callable[[], Any]:
         def build() -> Any:
             kwargs = dict(variants[name])
+            if config.cloning_epochs is not None:
+                kwargs["epochs"] = config.cloning_epochs
             demonstrations = None
             if action_type == "continuous":
                 demonstrations = _continuous_demonstrations(settings, config, world, seed)
