@@ -36,6 +36,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if not _is_operational(exc):
+            raise
+        # Expected failures (no broker, bad data, a worker that died) get one line, not a
+        # traceback; --log-level DEBUG shows the traceback too.
+        logger.debug("command failed", exc_info=True)
+        print(f"sec-online {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _is_operational(exc: Exception) -> bool:
+    from sec_online.broker import BrokerError
+    from sec_online.data import DataError
+    from sec_online.kafka_admin import KafkaAdminError
+    from sec_online.replay import ReplayError
+    from sec_online.workerproc import WorkerProcessError
+
+    expected = (BrokerError, DataError, KafkaAdminError, ReplayError, WorkerProcessError)
+    return isinstance(exc, expected + (FileNotFoundError,))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -251,6 +270,11 @@ def _run_replay(settings: Settings, args: argparse.Namespace) -> int:
     from sec_online.replay import replay
     from sec_online.runtime import create_topics
 
+    missing = [str(path) for path in args.paths if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"log file not found: {', '.join(missing)}")
+    if not args.paths:
+        settings.require_data_dir()
     wait_for_broker(settings.bootstrap, timeout_s=30.0)
     create_topics(settings)
     report = replay(

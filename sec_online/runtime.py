@@ -31,7 +31,13 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"retention.ms": WEEK_MS, "max.message.bytes": str(8 * 1024 * 1024)},
         )
     )
-    specs.append(TopicSpec(settings.topic(topics.DEAD_LETTERS), 1, {"retention.ms": WEEK_MS}))
+    specs.append(
+        TopicSpec(
+            settings.topic(topics.DEAD_LETTERS),
+            1,
+            {"retention.ms": WEEK_MS, "max.message.bytes": str(8 * 1024 * 1024)},
+        )
+    )
     return specs
 
 

@@ -21,6 +21,8 @@ SAMPLE_SCHEMA = "sample/1"
 MIN_TIME_MS = 946_684_800_000
 MAX_TIME_MS = 4_102_444_800_000
 MAX_RECORD_BYTES = 1_000_000
+# Integer fields must fit a signed 64-bit integer, as in Kafka, RocksDB keys and tensors.
+MAX_INT = 2**63 - 1
 
 
 class InvalidRecord(ValueError):
@@ -188,6 +190,8 @@ def _load_object(raw: bytes) -> dict[str, Any]:
         payload = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRecord("undecodable", f"not UTF-8 JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRecord("undecodable", "JSON nested too deeply to decode") from exc
     if not isinstance(payload, dict):
         raise InvalidRecord("not_object", f"expected a JSON object, got {type(payload).__name__}")
     return payload
@@ -219,6 +223,8 @@ def _check_int(name: str, value: Any) -> None:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             raise InvalidRecord("wrong_type", f"{name}={value!r} must be an integer literal")
         raise InvalidRecord("wrong_type", f"{name}={value!r} must be an integer")
+    if not -MAX_INT <= value <= MAX_INT:
+        raise InvalidRecord("out_of_range", f"{name}={value} does not fit a 64-bit integer")
 
 
 def _check_ranges(payload: dict[str, Any], schema: str) -> None:

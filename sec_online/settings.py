@@ -106,7 +106,16 @@ class Settings:
             (0 < self.delta_quantile <= 1, "SEC_DELTA_QUANTILE must be in (0, 1]"),
             (self.entropy_weight >= 0, "SEC_ENTROPY_WEIGHT must not be negative"),
             (self.session_idle_minutes >= 1, "SEC_SESSION_IDLE_MINUTES must be at least 1"),
+            (self.hidden_size >= 1, "SEC_HIDDEN_SIZE must be at least 1"),
+            (self.learning_rate > 0, "SEC_LEARNING_RATE must be positive"),
+            (self.centroids_per_level >= 1, "SEC_CENTROIDS_PER_LEVEL must be at least 1"),
+            (self.publish_every_samples >= 1, "SEC_PUBLISH_EVERY_SAMPLES must be at least 1"),
+            (self.publish_every_seconds > 0, "SEC_PUBLISH_EVERY_SECONDS must be positive"),
+            (-24 < self.day_offset_hours < 24, "SEC_DAY_OFFSET_HOURS must be within (-24, 24)"),
         ]
+        for name in ("broker_port", "controller_port", "web_port"):
+            port = getattr(self, name)
+            checks.append((1 <= port <= 65535, f"SEC_{name.upper()}={port} is not a TCP port"))
         for ok, message in checks:
             if not ok:
                 raise SettingsError(message)

@@ -8,6 +8,7 @@ with its reason and original bytes, and the agent goes on.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import time
@@ -27,13 +28,17 @@ from sec_online.schemas import (
 )
 from sec_online.settings import Settings
 from sec_online.userstate import APPLIED, StateConflict, UserStateMachine
-from streams.metrics import WorkerMetrics
+from streams.metrics import WorkerMetrics, count_levels
 from streams.policy_follower import PolicyFollower
 from streams.training import TrainerService
 
 logger = logging.getLogger(__name__)
 
 USERS_TABLE = "users"
+# Original bytes kept whole in a dead letter; a longer record keeps this prefix, its size and
+# its SHA-256. The dead-letter topic accepts records of DEAD_LETTER_MAX_BYTES.
+DEAD_LETTER_KEEP_BYTES = 1_048_576
+DEAD_LETTER_MAX_BYTES = 8 * 1_048_576
 # Record the users-per-level timeline every this many applied returns.
 TIMELINE_EVERY_RETURNS = 200
 
@@ -58,11 +63,15 @@ class Worker:
 
 def build_worker(settings: Settings) -> Worker:
     """Create the Faust app with its topics, table, agents, timers and pages."""
+    # One folder per worker: RocksDB locks a table's folder, so two workers on one machine
+    # must not share it. The web port tells local workers apart.
+    datadir = settings.work_dir / "faust" / f"worker-{settings.web_port}"
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
         broker=[f"kafka://{server}" for server in settings.bootstrap.split(",")],
         store="rocksdb://",
-        datadir=str(settings.work_dir / "faust"),
+        datadir=str(datadir),
         web_port=settings.web_port,
         web_host="127.0.0.1",
         web_bind=settings.web_host,
@@ -73,6 +82,8 @@ def build_worker(settings: Settings) -> Worker:
         broker_commit_interval=1.0,
         table_key_index_size=10_000,
         producer_acks=-1,
+        # Dead letters carry the original record in base64, a third larger than the original.
+        producer_max_request_size=DEAD_LETTER_MAX_BYTES,
     )
     worker = _assemble(settings, app)
     _register_event_agents(worker)
@@ -125,6 +136,7 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
 async def dead_letter(worker: Worker, event: Any, reason: str, message: str) -> None:
     """Send a record that could not be applied to the dead-letter topic, and count it."""
     meta = event.message
+    value = meta.value or b""
     record = {
         "reason": reason,
         "message": message,
@@ -132,7 +144,10 @@ async def dead_letter(worker: Worker, event: Any, reason: str, message: str) -> 
         "partition": meta.partition,
         "offset": meta.offset,
         "key_b64": base64.b64encode(meta.key or b"").decode(),
-        "value_b64": base64.b64encode(meta.value or b"").decode(),
+        "value_b64": base64.b64encode(value[:DEAD_LETTER_KEEP_BYTES]).decode(),
+        "value_bytes": len(value),
+        "value_sha256": hashlib.sha256(value).hexdigest(),
+        "value_truncated": len(value) > DEAD_LETTER_KEEP_BYTES,
         "dead_lettered_ms": int(time.time() * 1000),
     }
     worker.metrics.dead_letters[reason] += 1
@@ -160,13 +175,27 @@ def _register_event_agents(worker: Worker) -> None:
     async def impressions(stream: Any) -> None:
         async for event in stream.events():
             metrics.consumed["impressions"] += 1
-            await _handle_impression(worker, event)
+            await _guarded(worker, event, _handle_impression)
 
     @app.agent(worker.returns_topic, name="returns")
     async def returns(stream: Any) -> None:
         async for event in stream.events():
             metrics.consumed["returns"] += 1
-            await _handle_return(worker, event)
+            await _guarded(worker, event, _handle_return)
+
+
+async def _guarded(worker: Worker, event: Any, handler: Any) -> None:
+    """Run a handler; an unexpected error dead-letters the record instead of stopping the agent."""
+    try:
+        await handler(worker, event)
+    except Exception as exc:  # noqa: BLE001 - the record is kept on the dead-letter topic
+        logger.exception(
+            "failed to process record topic=%s partition=%s offset=%s",
+            event.message.topic,
+            event.message.partition,
+            event.message.offset,
+        )
+        await dead_letter(worker, event, "processing_error", f"{type(exc).__name__}: {exc}")
 
 
 async def _handle_impression(worker: Worker, event: Any) -> None:
@@ -236,6 +265,11 @@ def _count(metrics: WorkerMetrics, kind: str, status: str, event_ms: int) -> Non
 
 def _register_tasks(worker: Worker) -> None:
     app = worker.app
+
+    @app.on_rebalance_complete.connect
+    async def recount_levels(sender: Any, **kwargs: Any) -> None:
+        # Partitions came or went: count the users this worker now owns from its table.
+        worker.metrics.reset_levels(count_levels(worker.users.items()))
 
     @app.task
     async def train() -> None:

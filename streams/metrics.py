@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,10 @@ class WorkerMetrics:
         if self.users_per_level[_level_key(old_level)] == 0:
             del self.users_per_level[_level_key(old_level)]
 
+    def reset_levels(self, counts: Counter[str]) -> None:
+        """Replace the users per level, after a rebalance changed the partitions owned."""
+        self.users_per_level = Counter(counts)
+
     def add_user(self, level: int | None) -> None:
         """Count a user seen for the first time."""
         self.users_per_level[_level_key(level)] += 1
@@ -70,3 +75,11 @@ class WorkerMetrics:
 
 def _level_key(level: int | None) -> str:
     return "unrated" if level is None else str(level)
+
+
+def count_levels(states: Iterable[tuple[Any, dict[str, Any]]]) -> Counter[str]:
+    """Users per level key over ``(key, state)`` pairs, such as a table's items."""
+    counts: Counter[str] = Counter()
+    for _key, state in states:
+        counts[_level_key(state["level"])] += 1
+    return counts

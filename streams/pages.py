@@ -31,6 +31,9 @@ def register_pages(worker: Worker) -> None:
     @app.page("/users/{user_id}/")
     @app.table_route(table=worker.users, match_info="user_id")
     async def user_state(web: Any, request: Any, user_id: str) -> Any:
+        error = invalid_user_id(user_id)
+        if error:
+            return web.json({"error": error}, status=400)
         state = worker.users.get(user_id.encode())
         if state is None:
             return web.json({"error": f"user {user_id} not found"}, status=404)
@@ -39,14 +42,29 @@ def register_pages(worker: Worker) -> None:
     @app.page("/recommend/{user_id}/")
     @app.table_route(table=worker.users, match_info="user_id")
     async def recommend(web: Any, request: Any, user_id: str) -> Any:
-        body, status = recommend_for(worker, user_id, int(request.query.get("top", "5")))
+        top = request.query.get("top", "5")
+        if not top.isdigit() or int(top) < 1:
+            return web.json({"error": f"invalid top={top!r}: expected an integer >= 1"}, status=400)
+        body, status = recommend_for(worker, user_id, int(top))
         return web.json(body, status=status)
+
+
+def invalid_user_id(user_id: str) -> str | None:
+    """Why a user id from a URL is not usable, or None when it is.
+
+    Ids are canonical decimal text, as in the Kafka keys: "0712" would be routed to another
+    partition than user 712, so it is rejected instead of being read as 712.
+    """
+    if not user_id.isdigit() or user_id != str(int(user_id)):
+        return f"invalid user id {user_id!r}: expected a non-negative integer without leading zeros"
+    return None
 
 
 def recommend_for(worker: Worker, user_id: str, top_k: int) -> tuple[dict[str, Any], int]:
     """Recommendation for one user as a JSON body and an HTTP status."""
-    if not user_id.isdigit():
-        return {"error": f"invalid user id {user_id!r}: expected a non-negative integer"}, 400
+    error = invalid_user_id(user_id)
+    if error:
+        return {"error": error}, 400
     policy = worker.policy.policy
     if policy is None:
         return {"error": "no policy update received yet; wait for the trainer to publish"}, 503

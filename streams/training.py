@@ -58,10 +58,15 @@ class TrainerService:
 
     async def run(self) -> None:
         """Train until cancelled; reconnect after broker errors."""
-        await run_forever("trainer consumer", self._consume, logger, on_error=self._drop_trainer)
+        await run_forever("trainer consumer", self._consume, logger, on_error=self.drop_trainer)
 
-    def _drop_trainer(self) -> None:
+    def drop_trainer(self) -> None:
+        """Forget the trainer and close its checkpoint store."""
         self.trainer = None
+        if self.store is not None:
+            # Another worker on this machine may take the partition over and open the store.
+            self.store.close()
+            self.store = None
 
     async def _consume(self) -> None:
         consumer = AIOKafkaConsumer(
@@ -215,7 +220,7 @@ class _Listener(ConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: Any) -> None:
         if self.service.partition in revoked:
             logger.info("samples partition revoked, trainer stops")
-            self.service.trainer = None
+            self.service.drop_trainer()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if self.service.partition not in assigned:

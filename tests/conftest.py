@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,12 @@ def _ports_free(ports: list[int]) -> bool:
             except OSError:
                 return False
     return True
+
+
+@pytest.fixture(scope="session")
+def kuairand_dir() -> Path:
+    """The KuaiRand data folder of SEC_DATA_DIR (or its default); skips the test without one."""
+    folder = Settings.from_env().data_dir
+    if folder is None or not folder.is_dir():
+        pytest.skip("no KuaiRand data folder: set SEC_DATA_DIR (see the README's Data section)")
+    return folder

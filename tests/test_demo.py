@@ -36,7 +36,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def demo_run(kafka_bootstrap, tmp_path_factory):
+def demo_run(kuairand_dir, kafka_bootstrap, tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     settings = dataclasses.replace(
         Settings.from_env(),

@@ -34,6 +34,7 @@ from sec_online.workerproc import WorkerProcess, wait_processed
 pytestmark = pytest.mark.broker
 
 USERS_IN_SLICE = 40
+BAD_RECORDS = 5
 
 
 def free_port() -> int:
@@ -43,10 +44,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def slice_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def slice_file(kuairand_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every row of USERS_IN_SLICE users with 30 to 200 rows each, as a gzip CSV."""
-    settings = Settings.from_env()
-    log_path = find_logs(settings.require_data_dir())[0]
+    log_path = find_logs(kuairand_dir)[0]
     log = pd.read_csv(log_path)
     per_user = log.groupby("user_id").size()
     chosen = per_user[(per_user >= 30) & (per_user <= 200)].sort_index().index[:USERS_IN_SLICE]
@@ -84,8 +84,16 @@ def pipeline(kafka_bootstrap, slice_file, tmp_path_factory):
 
 def _publish_bad_records(settings: Settings) -> int:
     """Send records that must be dead-lettered; returns how many."""
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap)
-    bad = [b"\xff\xfe not json", b'{"schema": "impression/1", "user_id": 1}', b"[1, 2]"]
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap, max_request_size=2**21)
+    bad = [
+        b"\xff\xfe not json",
+        b'{"schema": "impression/1", "user_id": 1}',
+        b"[1, 2]",
+        # Nested deeper than Python's recursion limit: the decoder raises RecursionError.
+        b"[" * 100_000 + b"]" * 100_000,
+        # Over the schema's size limit, and its dead letter over Kafka's default 1 MB.
+        b" " * 1_000_100,
+    ]
     for value in bad:
         producer.send(settings.topic(topics.IMPRESSIONS), key=b"1", value=value).get(30)
     producer.close()
@@ -94,7 +102,7 @@ def _publish_bad_records(settings: Settings) -> int:
 
 def test_every_event_consumed(pipeline):
     _, _, report, stats = pipeline
-    assert stats["consumed"]["impressions"] == report.impressions + 3
+    assert stats["consumed"]["impressions"] == report.impressions + BAD_RECORDS
     assert stats["applied"]["impressions"] == report.impressions
     assert stats["applied"]["returns"] == report.returns
     assert stats["duplicates"] == {}
@@ -102,16 +110,17 @@ def test_every_event_consumed(pipeline):
 
 def test_bad_records_dead_lettered(pipeline):
     settings, _, _, stats = pipeline
-    assert stats["dead_letters_total"] == 3
+    assert stats["dead_letters_total"] == BAD_RECORDS
     records = read_all(settings.bootstrap, settings.topic(topics.DEAD_LETTERS))
-    reasons = sorted(json.loads(r.value)["reason"] for r in records)
-    assert reasons == ["missing_field", "not_object", "undecodable"]
-    first = json.loads(records[0].value)
-    assert base64.b64decode(first["value_b64"]) in (
-        b"\xff\xfe not json",
-        b'{"schema": "impression/1", "user_id": 1}',
-        b"[1, 2]",
-    )
+    letters = [json.loads(r.value) for r in records]
+    reasons = sorted(letter["reason"] for letter in letters)
+    assert reasons == ["missing_field", "not_object", "too_large", "undecodable", "undecodable"]
+    by_reason = {letter["reason"]: letter for letter in letters}
+    assert base64.b64decode(by_reason["not_object"]["value_b64"]) == b"[1, 2]"
+    assert by_reason["not_object"]["value_truncated"] is False
+    large = by_reason["too_large"]
+    assert large["value_bytes"] == 1_000_100
+    assert len(base64.b64decode(large["value_b64"])) == 1_000_100
 
 
 def test_user_states_match_reference(pipeline, slice_file):
@@ -216,6 +225,12 @@ def test_recommend_command(pipeline, capsys):
 
 def test_recommend_invalid_user(pipeline):
     _, worker, _, _ = pipeline
-    with pytest.raises(urllib.error.HTTPError) as error:
-        worker.get("/recommend/not-a-user/")
-    assert error.value.code in (400, 404)
+    for path in (
+        "/recommend/not-a-user/",
+        "/recommend/0712/",
+        "/users/abc/",
+        "/recommend/7/?top=0",
+    ):
+        with pytest.raises(urllib.error.HTTPError) as error:
+            worker.get(path)
+        assert error.value.code == 400, path

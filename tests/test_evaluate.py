@@ -26,7 +26,7 @@ CONFIG = EvalConfig(
 
 
 @pytest.fixture(scope="module")
-def recorded(kafka_bootstrap, tmp_path_factory):
+def recorded(kuairand_dir, kafka_bootstrap, tmp_path_factory):
     """Topics holding every row of USERS_IN_SLICE active users over the ten days."""
     root = tmp_path_factory.mktemp("evaluate")
     settings = dataclasses.replace(

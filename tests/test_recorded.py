@@ -20,7 +20,7 @@ ROWS = 3_000
 
 
 @pytest.fixture
-def recorded_settings(kafka_bootstrap, topic_prefix, tmp_path):
+def recorded_settings(kuairand_dir, kafka_bootstrap, topic_prefix, tmp_path):
     settings = dataclasses.replace(
         Settings.from_env(),
         bootstrap_servers=kafka_bootstrap,
