@@ -83,7 +83,12 @@ def _add_broker(commands: argparse._SubParsersAction) -> None:
     broker = commands.add_parser(
         "broker", help="manage the local Apache Kafka broker (KRaft) on 127.0.0.1"
     )
-    broker.add_argument("action", choices=["start", "stop", "status"])
+    broker.add_argument(
+        "action",
+        choices=["start", "stop", "status"],
+        help="start: fetch the jars on first use, format the storage once, start and wait until "
+        "it serves requests; stop: SIGTERM, then SIGKILL after --timeout; status: print state",
+    )
     broker.add_argument(
         "--timeout", type=float, default=90.0, help="seconds to wait for start or stop"
     )
@@ -121,7 +126,7 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         "--speed",
         type=float,
         default=0.0,
-        help="replay speed as a multiple of real time; 0 publishes as fast as possible",
+        help="replay speed as a multiple of real time; 0 (default) publishes as fast as possible",
     )
     replay.add_argument("--start-ms", type=int, default=None, help="first request time, Unix ms")
     replay.add_argument("--end-ms", type=int, default=None, help="end of the range, Unix ms")

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from sec_online import topics
-from sec_online.kafka_admin import delete_topics, wait_for_broker
+from sec_online.kafka_admin import delete_topics
 from sec_online.replay import ReplayReport, replay
-from sec_online.runtime import create_topics
+from sec_online.runtime import create_topics, ensure_broker
 from sec_online.settings import Settings
 from sec_online.workerproc import WorkerProcess, wait_processed
 
@@ -60,7 +60,7 @@ def run_demo(
     settings.require_data_dir()
     report_dir = settings.reports_dir / "demo"
     report_dir.mkdir(parents=True, exist_ok=True)
-    broker = _start_broker(settings)
+    broker = ensure_broker(settings)
     worker = None
     try:
         _reset(settings)
@@ -82,19 +82,6 @@ def run_demo(
                 worker.stop()
             if broker is not None:
                 broker.stop()
-
-
-def _start_broker(settings: Settings) -> Any:
-    if not settings.managed_broker:
-        wait_for_broker(settings.bootstrap, timeout_s=60.0)
-        return None
-    from sec_online.broker import ManagedBroker
-
-    broker = ManagedBroker(settings)
-    was_running = broker.status().running
-    broker.start()
-    # A broker that was already running belongs to someone else's session: leave it running.
-    return None if was_running else broker
 
 
 def _reset(settings: Settings) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 from sec_online import topics
 from sec_online.kafka_admin import TopicSpec, ensure_topics, wait_for_broker
@@ -46,6 +47,24 @@ def create_topics(settings: Settings) -> list[str]:
     specs = topic_specs(settings)
     ensure_topics(settings.bootstrap, specs)
     return [spec.name for spec in specs]
+
+
+def ensure_broker(settings: Settings) -> Any:
+    """Start the managed broker when no cluster is configured and it is not running.
+
+    Returns the broker when this call started it, so the caller can stop it again, and ``None``
+    when an external cluster is used or the managed broker was already running.
+    """
+    if not settings.managed_broker:
+        wait_for_broker(settings.bootstrap, timeout_s=60.0)
+        return None
+    from sec_online.broker import ManagedBroker
+
+    broker = ManagedBroker(settings)
+    if broker.status().running:
+        return None
+    broker.start()
+    return broker
 
 
 def run_worker(settings: Settings, web_port: int | None = None) -> int:

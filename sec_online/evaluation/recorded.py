@@ -15,29 +15,15 @@ import pandas as pd
 
 from sec_online import topics
 from sec_online.kafka_admin import offset_ranges, read_range
+from sec_online.replay import IMPRESSION_COLUMNS
 from sec_online.schemas import FEEDBACK_SIGNALS, InvalidRecord, decode_impression
 from sec_online.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Impression fields and the log columns of ``sec_online.data.read_log`` they map to.
-LOG_COLUMNS = {
-    "user_id": "user_id",
-    "video_id": "video_id",
-    "time_ms": "time_ms",
-    "session_id": "session_id",
-    "event_id": "event_id",
-    "click": "is_click",
-    "long_view": "long_view",
-    "like": "is_like",
-    "comment": "is_comment",
-    "forward": "is_forward",
-    "follow": "is_follow",
-    "hate": "is_hate",
-    "play_time_ms": "play_time_ms",
-    "duration_ms": "duration_ms",
-    "tab": "tab",
-}
+# Impression fields and the log columns of ``sec_online.data.read_log`` they map to: the
+# replay's mapping, read the other way.
+LOG_COLUMNS = dict(IMPRESSION_COLUMNS)
 READ_TIMEOUT_S = 300.0
 
 

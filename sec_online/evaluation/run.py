@@ -27,7 +27,7 @@ from sec_online.clusters import build_clusters
 from sec_online.evaluation import report
 from sec_online.evaluation.recorded import RecordedLog, read_recorded
 from sec_online.kafka_admin import end_offsets, wait_for_broker
-from sec_online.runtime import create_topics
+from sec_online.runtime import create_topics, ensure_broker
 from sec_online.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,12 @@ def evaluate(settings: Settings, config: EvalConfig) -> dict[str, Any]:
     started = time.monotonic()
     settings = eval_settings(settings)
     folder = settings.reports_dir / "eval"
-    recorded = _recorded(settings, config)
+    broker = ensure_broker(settings)
+    try:
+        recorded = _recorded(settings, config)
+    finally:
+        if broker is not None:
+            broker.stop()
     world = _build_world(settings, config, recorded)
     runs = _run_methods(settings, config, world)
     table = report.summarise(runs)
