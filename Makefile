@@ -25,6 +25,12 @@ demo: $(STAMP) tools
 eval: $(STAMP) tools
 	$(BIN)/sec-online evaluate
 
+# Fault scenarios (worker killed, stopped, table deleted, duplicate and invalid records) on a
+# slice of the log; writes reports/reliability/summary.json.
+.PHONY: reliability
+reliability: $(STAMP) tools
+	$(BIN)/sec-online reliability
+
 lint: $(STAMP)
 	$(BIN)/ruff check sec_online streams state tests
 	$(BIN)/ruff format --check sec_online streams state tests

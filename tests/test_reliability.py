@@ -1,0 +1,189 @@
+"""Fault scenarios on the real broker: no event lost, none applied twice, invalid records kept.
+
+Each test runs one scenario of ``sec_online.reliability`` on a slice of the real log (every row
+of 30 users) through a worker process, and checks the dumped states against the pandas
+reference. The scenario logic is in the library so that ``sec-online reliability`` runs the
+same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sec_online.clusters import build_clusters
+from sec_online.reliability import (
+    LogSlice,
+    ScenarioResult,
+    build_slice,
+    compare_state,
+    expected_garbage_reasons,
+    run_scenario,
+    score_states,
+)
+from sec_online.settings import Settings
+
+USERS = 30
+# Faust reads this variable from the environment. A killed worker's group membership then
+# expires after 10 s instead of Faust's default 60 s, so each restart is rebalanced sooner.
+SESSION_TIMEOUT_S = "10"
+
+
+@pytest.fixture(scope="module")
+def base_settings(tmp_path_factory: pytest.TempPathFactory, kuairand_dir: Path) -> Settings:
+    settings = dataclasses.replace(
+        Settings.from_env(),
+        data_dir=kuairand_dir,
+        work_dir=tmp_path_factory.mktemp("reliability-work"),
+        reports_dir=tmp_path_factory.mktemp("reliability-reports"),
+        partitions=3,
+    )
+    build_clusters(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def log_slice(base_settings: Settings) -> LogSlice:
+    return build_slice(base_settings, USERS)
+
+
+@pytest.fixture
+def run(kafka_bootstrap, base_settings, log_slice, topic_prefix, free_ports, monkeypatch):
+    monkeypatch.setenv("BROKER_SESSION_TIMEOUT", SESSION_TIMEOUT_S)
+    settings = dataclasses.replace(base_settings, bootstrap_servers=kafka_bootstrap)
+
+    def run_one(name: str) -> ScenarioResult:
+        (port,) = free_ports(1)
+        return run_scenario(
+            settings, log_slice, name, prefix=topic_prefix, seed=0, web_port=port, timeout_s=180
+        )
+
+    return run_one
+
+
+def _assert_exact(result: ScenarioResult, log_slice: LogSlice) -> None:
+    assert result.lost == 0
+    assert result.applied_twice == 0
+    assert result.users_over_reference == []
+    assert result.mismatching_users == {}
+    assert result.applied == result.expected
+    assert result.expected == sum(
+        e["impressions"] + e["returns"] for e in log_slice.expected.values()
+    )
+    assert result.checks["served_states_differing_from_changelog"] == []
+    assert result.failures == []
+    assert result.passed
+
+
+def test_slice_has_every_user(log_slice):
+    assert len(log_slice.user_ids) == USERS
+    assert sorted(log_slice.expected) == log_slice.user_ids
+    assert len(log_slice.events) > 1000
+
+
+@pytest.mark.slow
+def test_sigkill_three_times(run, log_slice):
+    result = run("sigkill")
+    _assert_exact(result, log_slice)
+    assert len(result.restarts) == 3
+    assert result.dead_lettered == 0
+    assert result.published == len(log_slice.events)
+    assert result.recovery_seconds is not None
+
+
+def test_sigterm_restart(run, log_slice):
+    result = run("sigterm")
+    _assert_exact(result, log_slice)
+    assert len(result.restarts) == 1
+    assert result.checks["exit_codes"] == [0]
+    assert result.dead_lettered == 0
+
+
+def test_duplicates_and_garbage(run, log_slice):
+    result = run("duplicates_and_garbage")
+    _assert_exact(result, log_slice)
+    assert result.duplicates_published > 0
+    assert result.duplicates_detected == result.duplicates_published
+    reasons = Counter(expected_garbage_reasons())
+    assert result.dead_letter_reasons == dict(reasons)
+    assert result.dead_lettered == len(expected_garbage_reasons())
+    published = len(log_slice.events) + result.duplicates_published + result.dead_lettered
+    assert result.published == published
+
+
+def test_rocksdb_deleted(run, log_slice):
+    result = run("rocksdb_deleted")
+    _assert_exact(result, log_slice)
+    assert result.checks["deleted_folders"]
+    assert result.checks["users_in_changelog_at_stop"] > 0
+    assert result.checks["last_record_users_wrong"] == []
+    assert result.checks["users_in_table"] == USERS
+    assert result.dead_lettered == 0
+
+
+def _reference_like(state: dict) -> dict:
+    return {
+        "impressions": state["impressions"],
+        "sessions": state["sessions"],
+        "closed_sessions": state["closed_sessions"],
+        "returns": state["returns"],
+        "last_gap_ms": state["last_gap_ms"],
+        "unknown_videos": state["unknown_videos"],
+        "samples": state["samples"],
+        "signal_totals": list(state["signal_totals"]),
+        "retention_score": state["retention_score"],
+        "history_impressions": state["history"]["impressions"],
+        "history_watch": state["history"]["watch"],
+        "history_signals": list(state["history"]["signals"]),
+        "open_session_id": int(next(iter(state["open"]))),
+    }
+
+
+def _state(user_id: int, impressions: int, returns: int) -> dict:
+    return {
+        "user_id": user_id,
+        "impressions": impressions,
+        "returns": returns,
+        "duplicates": 0,
+        "sessions": 2,
+        "closed_sessions": 1,
+        "last_gap_ms": 5000,
+        "unknown_videos": 0,
+        "samples": 1,
+        "signal_totals": [1, 0, 0, 0, 0, 0, 0],
+        "retention_score": 0.5,
+        "history": {"impressions": 3.0, "watch": 1.2, "signals": [1.0] + [0.0] * 6},
+        "open": {"1650000000000": {}},
+    }
+
+
+def test_score_counts_loss_and_excess_apart():
+    want = {1: _reference_like(_state(1, 5, 2)), 2: _reference_like(_state(2, 5, 2))}
+    got = [_state(1, 4, 2), _state(2, 6, 2)]
+    result = ScenarioResult(name="unit")
+    score_states(result, got, want)
+    assert result.lost == 1
+    assert result.applied_twice == 1
+    assert result.applied == result.expected
+    assert result.users_over_reference == [2]
+    assert result.mismatching_users == {"1": ["impressions"], "2": ["impressions"]}
+
+
+def test_score_missing_user_lost():
+    want = {1: _reference_like(_state(1, 5, 2)), 2: _reference_like(_state(2, 3, 1))}
+    result = ScenarioResult(name="unit")
+    score_states(result, [_state(1, 5, 2)], want)
+    assert result.lost == 4
+    assert result.mismatching_users == {"2": ["missing_from_dump"]}
+
+
+def test_compare_state_fields():
+    state = _state(1, 5, 2)
+    want = _reference_like(state)
+    assert compare_state(state, want) == []
+    changed = {**state, "history": {**state["history"], "watch": 1.3}, "open": {"1": {}}}
+    assert compare_state(changed, want) == ["history_watch", "open_session_id"]
+    assert compare_state({**state, "retention_score": None}, want) == ["retention_score"]
