@@ -47,19 +47,17 @@ from sec_online import topics
 from sec_online.clusters import build_clusters
 from sec_online.data import find_logs
 from sec_online.kafka_admin import (
-    TopicSpec,
     committed_offsets,
     delete_topics,
     end_offsets,
-    ensure_topics,
     read_all,
 )
 from sec_online.reference import reference_user_state
 from sec_online.replay import iter_events, load_slice, producer_settings
-from sec_online.runtime import create_topics
+from sec_online.runtime import changelog_topic, create_topics
 from sec_online.schemas import Impression, encode, encode_key
 from sec_online.settings import Settings
-from sec_online.statedump import changelog_topic, dump_states, last_values
+from sec_online.statedump import dump_states, last_values
 from sec_online.workerproc import WorkerProcess, WorkerProcessError
 
 logger = logging.getLogger(__name__)
@@ -360,12 +358,6 @@ def reset_scenario(settings: Settings, clusters_cache: Path | None) -> None:
     if clusters_cache is not None and clusters_cache.is_dir():
         shutil.copytree(clusters_cache, settings.work_dir / "clusters")
     create_topics(settings)
-    # NOTE: a worker that creates the changelog itself can take its first partition assignment
-    # before the new topic is in its metadata. Faust then sees 0 changelog partitions and every
-    # table write fails with PartitionsMismatch until the next rebalance. Creating the topic
-    # first keeps that start-up race out of the fault scenarios.
-    spec = TopicSpec(changelog_topic(settings), settings.partitions, {"cleanup.policy": "compact"})
-    ensure_topics(settings.bootstrap, [spec])
 
 
 def publish(settings: Settings, records: Iterable[Record]) -> int:

@@ -10,6 +10,9 @@ from sec_online import topics
 from sec_online.kafka_admin import TopicSpec, ensure_topics, wait_for_broker
 from sec_online.settings import Settings
 
+# Name of the worker's users table; its changelog topic is named after it.
+USERS_TABLE = "users"
+
 logger = logging.getLogger(__name__)
 
 # Events and samples are kept forever, so replaying the topics re-runs a past experiment exactly;
@@ -32,6 +35,16 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"retention.ms": WEEK_MS, "max.message.bytes": str(8 * 1024 * 1024)},
         )
     )
+    # Faust would create the users table's changelog itself, but a worker can then take its
+    # first partition assignment before the new topic is in its metadata: it sees 0 changelog
+    # partitions and every table write fails until the next rebalance.
+    specs.append(
+        TopicSpec(
+            changelog_topic(settings),
+            settings.partitions,
+            {"cleanup.policy": "compact"},
+        )
+    )
     specs.append(
         TopicSpec(
             settings.topic(topics.DEAD_LETTERS),
@@ -40,6 +53,11 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         )
     )
     return specs
+
+
+def changelog_topic(settings: Settings) -> str:
+    """Name of the users table's changelog topic, as Faust derives it from the app id."""
+    return f"{settings.app_id}-{USERS_TABLE}-changelog"
 
 
 def create_topics(settings: Settings) -> list[str]:

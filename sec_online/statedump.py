@@ -24,21 +24,16 @@ from typing import Any, TextIO
 from sec_online import topics
 from sec_online.kafka_admin import read_all
 from sec_online.policy import InvalidPolicyUpdate, decode_update
+from sec_online.runtime import changelog_topic
 from sec_online.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-USERS_TABLE = "users"
 READ_TIMEOUT_S = 120.0
 
 
 class StateDumpError(RuntimeError):
     """A changelog record that is not a user state of this product."""
-
-
-def changelog_topic(settings: Settings) -> str:
-    """Name of the users table's changelog topic, as Faust derives it from the app id."""
-    return f"{settings.app_id}-{USERS_TABLE}-changelog"
 
 
 def last_values(records: Iterable[tuple[bytes | None, bytes | None]]) -> dict[bytes, bytes]:

@@ -19,6 +19,7 @@ import faust
 
 from sec_online import topics
 from sec_online.clusters import VideoClusters, build_clusters
+from sec_online.runtime import USERS_TABLE
 from sec_online.schemas import (
     InvalidRecord,
     Sample,
@@ -34,7 +35,6 @@ from streams.training import TrainerService
 
 logger = logging.getLogger(__name__)
 
-USERS_TABLE = "users"
 # Original bytes kept whole in a dead letter; a longer record keeps this prefix, its size and
 # its SHA-256. The dead-letter topic accepts records of DEAD_LETTER_MAX_BYTES.
 DEAD_LETTER_KEEP_BYTES = 1_048_576
