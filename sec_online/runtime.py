@@ -55,9 +55,14 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
     return specs
 
 
+def users_table_name(settings: Settings) -> str:
+    """Name of the worker's users table; the topic prefix keeps prefixed runs apart."""
+    return settings.topic(USERS_TABLE)
+
+
 def changelog_topic(settings: Settings) -> str:
-    """Name of the users table's changelog topic, as Faust derives it from the app id."""
-    return f"{settings.app_id}-{USERS_TABLE}-changelog"
+    """Name of the users table's changelog topic, as Faust derives it from app id and table."""
+    return f"{settings.app_id}-{users_table_name(settings)}-changelog"
 
 
 def create_topics(settings: Settings) -> list[str]:

@@ -1,12 +1,12 @@
 """Dump every user's state from the users table's changelog topic, as JSON lines.
 
 Each worker keeps its part of the users table in a local RocksDB store, and rebuilds that store
-from the changelog topic ``<app id>-users-changelog`` when it starts without one. The changelog
-therefore holds the whole table: the last record of each key is the user's current state, and a
-record without a value (a tombstone) deletes the key. Reading the changelog instead of the stores
-works while workers run, needs no access to their folders, and gives the same result for any
-number of workers. A state is in the dump once the worker's producer has sent its changelog
-record, which Faust does shortly after the event is applied.
+from the changelog topic ``<app id>-<topic prefix>users-changelog`` when it starts without one.
+The changelog therefore holds the whole table: the last record of each key is the user's current
+state, and a record without a value (a tombstone) deletes the key. Reading the changelog instead
+of the stores works while workers run, needs no access to their folders, and gives the same
+result for any number of workers. A state is in the dump once the worker's producer has sent
+its changelog record, which Faust does shortly after the event is applied.
 
 Each line of a dump is one user's state dict plus ``policy_version``, the newest version on the
 policy-updates topic (0 when there is none), ordered by user id.

@@ -19,7 +19,7 @@ import faust
 
 from sec_online import topics
 from sec_online.clusters import VideoClusters, build_clusters
-from sec_online.runtime import USERS_TABLE
+from sec_online.runtime import users_table_name
 from sec_online.schemas import (
     InvalidRecord,
     Sample,
@@ -107,7 +107,7 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
     clusters = build_clusters(settings)
     machine = UserStateMachine(settings.clusters, clusters.cluster_of, settings.score_decay)
     users = app.Table(
-        USERS_TABLE,
+        users_table_name(settings),
         # Raw keys equal the Kafka keys of the source topics (the user id as decimal text), so
         # the table's partition for a user is the partition of that user's events.
         schema=faust.Schema(key_type=bytes, key_serializer="raw", value_serializer="json"),

@@ -99,6 +99,8 @@ def test_write_dump_stdout():
 def test_changelog_topic_name():
     settings = Settings(data_dir=None, app_id="shop-a")
     assert changelog_topic(settings) == "shop-a-users-changelog"
+    prefixed = Settings(data_dir=None, app_id="shop-a", topic_prefix="run1.")
+    assert changelog_topic(prefixed) == "shop-a-run1.users-changelog"
 
 
 @pytest.fixture
