@@ -415,7 +415,7 @@ def _run_recommend(settings: Settings, args: argparse.Namespace) -> int:
             body = json.load(response)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        print(f"sec-online: worker at {base} answered {exc.code}: {detail}", file=sys.stderr)
+        print(f"sec-online: worker at {base} returned HTTP {exc.code}: {detail}", file=sys.stderr)
         return 1
     except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
         print(

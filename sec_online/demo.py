@@ -3,7 +3,7 @@
 Steps:
 1. Start the managed broker unless SEC_BOOTSTRAP_SERVERS names a cluster.
 2. Reset the demo's own topics (prefix ``demo.``) and work folder, then create the topics.
-3. Start one worker process and wait until its HTTP server answers.
+3. Start one worker process and wait until its HTTP server responds.
 4. Replay the log as fast as possible.
 5. Wait until the worker consumed every event and the trainer published a policy update that
    includes every sample.

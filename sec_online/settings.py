@@ -18,7 +18,7 @@ ENV_PREFIX = "SEC_"
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value that the setting cannot take."""
+    """An environment variable contains a value that the setting cannot take."""
 
 
 def _default_data_dir() -> Path | None:
