@@ -54,7 +54,7 @@ from sec_online.kafka_admin import (
 )
 from sec_online.reference import reference_user_state
 from sec_online.replay import iter_events, load_slice, producer_settings
-from sec_online.runtime import changelog_topic, create_topics
+from sec_online.runtime import changelog_topic, create_topics, users_table_name
 from sec_online.schemas import Impression, encode, encode_key
 from sec_online.settings import Settings
 from sec_online.statedump import dump_states, last_values
@@ -808,7 +808,8 @@ def delete_table_folders(settings: Settings) -> list[Path]:
         When no folder of the users table is found, which means the layout changed.
     """
     root = settings.work_dir / "faust" / f"worker-{settings.web_port}"
-    folders = sorted(path for path in root.rglob("users-*.db") if path.is_dir())
+    pattern = f"{users_table_name(settings)}-*.db"
+    folders = sorted(path for path in root.rglob(pattern) if path.is_dir())
     if not folders:
         raise ReliabilityError(f"no RocksDB folder of the users table under {root}")
     for folder in folders:
