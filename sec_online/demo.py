@@ -169,7 +169,7 @@ _TOPIC_NAMES = (
 
 
 def _evaluation_report(settings: Settings) -> dict[str, Any]:
-    """Where the offline evaluation writes its report, and whether one exists yet."""
+    """Return where the offline evaluation writes its report, and whether one exists yet."""
     table = settings.reports_dir / "eval" / "table.md"
     return {
         "table": str(table),

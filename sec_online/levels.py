@@ -1,7 +1,7 @@
 """Retention levels: boundaries over the retention score, estimated by streaming quantiles.
 
 A user's retention score is in (0, 1], higher for users who return sooner. With K levels there
-are K - 1 ascending boundaries; level k (0 = lowest retention, K - 1 = highest) holds the scores
+are K - 1 ascending boundaries; level k (0 = lowest retention, K - 1 = highest) contains the scores
 that reach exactly k boundaries.
 """
 

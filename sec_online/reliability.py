@@ -510,7 +510,7 @@ def start_worker(settings: Settings, log_name: str) -> tuple[WorkerProcess, floa
             break
         if time.monotonic() - started > RESTART_TIMEOUT_S:
             raise ReliabilityError(
-                f"the worker answered but consumed nothing within {RESTART_TIMEOUT_S:.0f} "
+                f"the worker responded but consumed nothing within {RESTART_TIMEOUT_S:.0f} "
                 f"s; see {worker.log_file}"
             )
         time.sleep(POLL_S)

@@ -22,7 +22,7 @@ WEEK_MS = str(7 * 24 * 3600 * 1000)
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """Every topic the worker reads or writes, with its partition count."""
+    """Return every topic the worker reads or writes, with its partition count."""
     specs = [
         TopicSpec(name, settings.partitions, dict(KEEP_FOREVER))
         for name in topics.user_keyed(settings)
@@ -36,7 +36,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         )
     )
     # Faust would create the users table's changelog itself, but a worker can then take its
-    # first partition assignment before the new topic is in its metadata: it sees 0 changelog
+    # first partition assignment before the new topic is in its metadata. It then finds 0 changelog
     # partitions and every table write fails until the next rebalance.
     specs.append(
         TopicSpec(

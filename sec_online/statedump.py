@@ -2,7 +2,7 @@
 
 Each worker keeps its part of the users table in a local RocksDB store, and rebuilds that store
 from the changelog topic ``<app id>-<topic prefix>users-changelog`` when it starts without one.
-The changelog therefore holds the whole table: the last record of each key is the user's current
+The changelog therefore contains the whole table: the last record of each key is the user's current
 state, and a record without a value (a tombstone) deletes the key. Reading the changelog instead
 of the stores works while workers run, needs no access to their folders, and gives the same
 result for any number of workers. A state is in the dump once the worker's producer has sent

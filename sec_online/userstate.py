@@ -6,7 +6,7 @@ update here gives the same final state whatever the interleaving of the two topi
 each topic keeps its own per-user order:
 
 - An impression adds to the aggregates of its session (``session_id``), open until closed.
-- A return opens its session and asks to close the previous one. The close waits until that
+- A return opens its session and requests the close of the previous one. The close waits until that
   session has the number of impressions the return names, then folds the session into the
   user's history and emits a behaviour-cloning ``Sample``. Closes happen in session order.
 - Sample features describe the user at the closed session's start: the history of earlier

@@ -22,7 +22,7 @@ POLL_SECONDS = 0.5
 
 
 class WorkerProcessError(RuntimeError):
-    """The worker process exited or did not answer in time."""
+    """The worker process exited or did not respond in time."""
 
 
 def worker_env(settings: Settings) -> dict[str, str]:
@@ -75,7 +75,7 @@ class WorkerProcess:
             return json.load(response)
 
     def wait_healthy(self, timeout_s: float = 180.0) -> None:
-        """Wait until the worker's web server answers ``/health/``."""
+        """Wait until the worker's web server responds to ``/health/``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.check_alive("starting")
@@ -85,7 +85,7 @@ class WorkerProcess:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(POLL_SECONDS)
         raise WorkerProcessError(
-            f"the worker's web server at {self.base_url} did not answer within {timeout_s:.0f} s"
+            f"the worker's web server at {self.base_url} did not respond within {timeout_s:.0f} s"
         )
 
     def stop(self, timeout_s: float = 60.0) -> int | None:

@@ -100,11 +100,11 @@ def _stats(worker: Worker, *, exact: bool) -> dict[str, Any]:
 def _scan_users(worker: Worker) -> dict[str, Any]:
     levels: Counter[str] = Counter()
     users = open_sessions = pending = 0
-    example, most_closed = None, -1
+    example, max_closed = None, -1
     for _key, state in worker.users.items():
         users += 1
-        if state["closed_sessions"] > most_closed:
-            example, most_closed = state["user_id"], state["closed_sessions"]
+        if state["closed_sessions"] > max_closed:
+            example, max_closed = state["user_id"], state["closed_sessions"]
         levels["unrated" if state["level"] is None else str(state["level"])] += 1
         open_sessions += len(state["open"])
         pending += len(state["pending"])

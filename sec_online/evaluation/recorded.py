@@ -1,6 +1,6 @@
 """Read the recorded event topics back into a log table, for exact offline re-evaluation.
 
-The impressions topic holds every field of the log rows the evaluation needs, so reading it from
+The impressions topic contains every field of the log rows the evaluation needs, so reading it from
 given offsets gives the same table on every run: the same topics, offsets and seed give the same
 numbers. The offsets actually read are kept for the report.
 """

@@ -66,7 +66,7 @@ def write_table(table: dict[str, Any], extra: dict[str, Any], folder: Path) -> t
 
 
 def markdown_table(table: dict[str, Any], extra: dict[str, Any]) -> str:
-    """The methods table as markdown, mean ± standard deviation over the seeds."""
+    """Render the methods table as markdown, mean ± standard deviation over the seeds."""
     seeds = next(iter(table.values()))["seeds"] if table else []
     lines = [
         "# Offline evaluation",
@@ -132,7 +132,7 @@ def _auc_lines(auc: dict[str, Any]) -> list[str]:
 
 
 def _number(value: float | None, digits: int) -> str:
-    """A figure with ``digits`` decimals; a dash where it is undefined (AUC of one class)."""
+    """Format a figure with ``digits`` decimals, or a dash where it is undefined."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.{digits}f}"

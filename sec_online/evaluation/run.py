@@ -57,7 +57,7 @@ DEMONSTRATION_USERS = 256
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """What one evaluation run reads, trains and simulates."""
+    """Options of one evaluation run: what it reads, trains and simulates."""
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     split_day: int = 7
