@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Its selector warns about every callback over 100 ms, which a busy 2-core machine hits often.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     try:
-        settings = Settings.from_env()
+        settings, args.setting_sources = Settings.load(config_file=args.config)
         return int(args.run(settings, args) or 0)
     except SettingsError as exc:
         print(f"sec-online: invalid settings: {exc}", file=sys.stderr)
@@ -60,11 +60,19 @@ def _is_operational(exc: Exception) -> bool:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sec-online",
-        description="Streaming Stratified Expert Cloning on Kafka. Settings come from SEC_* "
-        "environment variables; `sec-online config` prints them.",
+        description="Streaming Stratified Expert Cloning on Kafka. Settings come from defaults, "
+        "an optional TOML file and SEC_* environment variables (these win); `sec-online config` "
+        "prints them.",
     )
     parser.add_argument(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML settings file, keys as in `sec-online config` (default: SEC_CONFIG_FILE)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_broker(commands)
@@ -76,9 +84,27 @@ def _parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_state(commands)
     _add_reliability(commands)
-    config = commands.add_parser("config", help="print the effective settings as JSON")
-    config.set_defaults(run=_run_config)
+    _add_config(commands)
     return parser
+
+
+def _add_config(commands: argparse._SubParsersAction) -> None:
+    config = commands.add_parser(
+        "config",
+        help="print the effective settings as JSON (after the file and SEC_* variables)",
+    )
+    shape = config.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--sources",
+        action="store_true",
+        help="print each value with where it came from: default, the file's path, or env",
+    )
+    shape.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print every setting's variable, type, unit, default and meaning as a table",
+    )
+    config.set_defaults(run=_run_config)
 
 
 def _add_broker(commands: argparse._SubParsersAction) -> None:
@@ -340,7 +366,18 @@ def _run_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_config(settings: Settings, args: argparse.Namespace) -> int:
-    print(json.dumps(settings.public_dict(), indent=2))
+    from sec_online.settings import describe_markdown
+
+    if args.markdown:
+        print(describe_markdown(), end="")
+        return 0
+    values = settings.public_dict()
+    if args.sources:
+        values = {
+            name: {"value": value, "source": args.setting_sources[name]}
+            for name, value in values.items()
+        }
+    print(json.dumps(values, indent=2))
     return 0
 
 
