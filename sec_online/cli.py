@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -11,7 +12,8 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from sec_online.settings import Settings, SettingsError
+from sec_online.logs import LOG_FORMATS, setup_logging
+from sec_online.settings import LOG_LEVELS, Settings, SettingsError
 
 logger = logging.getLogger("sec_online")
 
@@ -20,16 +22,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # kafka-python logs every connection at INFO; keep its warnings and errors only.
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # Its selector warns about every callback over 100 ms, which a busy 2-core machine hits often.
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    setup_logging(args.log_level or "INFO", args.log_format or "text")
     try:
         settings, args.setting_sources = Settings.load(config_file=args.config)
+        for name in ("log_level", "log_format"):
+            if getattr(args, name) is not None:
+                settings = dataclasses.replace(settings, **{name: getattr(args, name)})
+                args.setting_sources[name] = "command line"
+        setup_logging(settings.log_level, settings.log_format)
         return int(args.run(settings, args) or 0)
     except SettingsError as exc:
         print(f"sec-online: invalid settings: {exc}", file=sys.stderr)
@@ -65,7 +65,16 @@ def _parser() -> argparse.ArgumentParser:
         "prints them.",
     )
     parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+        "--log-level",
+        default=None,
+        choices=LOG_LEVELS,
+        help="lowest level printed (default: SEC_LOG_LEVEL, INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=LOG_FORMATS,
+        help="text lines or one JSON object per line (default: SEC_LOG_FORMAT, text)",
     )
     parser.add_argument(
         "--config",
@@ -157,7 +166,9 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
         help="replay speed as a multiple of real time; 0 (default) publishes as fast as possible",
     )
     replay.add_argument("--start-ms", type=int, default=None, help="first request time, Unix ms")
-    replay.add_argument("--end-ms", type=int, default=None, help="end of the range, Unix ms")
+    replay.add_argument(
+        "--end-ms", type=int, default=None, help="end of the range, Unix ms (exclusive)"
+    )
     replay.add_argument("--limit", type=int, default=None, help="publish at most N impressions")
     replay.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     replay.set_defaults(run=_run_replay)
@@ -229,7 +240,9 @@ def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument(
         "--start-ms", type=int, default=None, help="first request time read, Unix ms"
     )
-    evaluate.add_argument("--end-ms", type=int, default=None, help="end of the time range read")
+    evaluate.add_argument(
+        "--end-ms", type=int, default=None, help="end of the time range read, Unix ms (exclusive)"
+    )
     evaluate.set_defaults(run=_run_evaluate)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from sec_online import topics
 from sec_online.kafka_admin import TopicSpec, ensure_topics, wait_for_broker
+from sec_online.logs import logging_config, setup_logging
 from sec_online.settings import Settings
 
 # Name of the worker's users table; its changelog topic is named after it.
@@ -99,6 +100,8 @@ def run_worker(settings: Settings, web_port: int | None = None) -> int:
 
     if web_port is not None:
         settings = dataclasses.replace(settings, web_port=web_port)
+    ids = {"worker": f"{settings.app_id}@{settings.web_host}:{settings.web_port}"}
+    setup_logging(settings.log_level, settings.log_format, ids)
     wait_for_broker(settings.bootstrap, timeout_s=60.0)
     create_topics(settings)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -112,5 +115,10 @@ def run_worker(settings: Settings, web_port: int | None = None) -> int:
         settings.web_port,
         settings.partitions,
     )
-    faust.Worker(worker.app, loglevel="INFO", redirect_stdouts=False).execute_from_commandline()
+    faust.Worker(
+        worker.app,
+        loglevel=settings.log_level,
+        logging_config=logging_config(settings.log_level, settings.log_format, ids),
+        redirect_stdouts=False,
+    ).execute_from_commandline()
     return 0

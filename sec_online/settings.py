@@ -30,6 +30,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data" / "kuairand-pure"
 ENV_PREFIX = "SEC_"
 CONFIG_FILE_ENV = "SEC_CONFIG_FILE"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class SettingsError(ValueError):
@@ -139,6 +140,14 @@ class Settings:
     seed: int = setting(
         0, help="seed of every random generator (clusters, model initialisation, k-means)"
     )
+    log_level: str = setting(
+        "INFO", help="lowest level of the log lines printed: DEBUG, INFO, WARNING or ERROR"
+    )
+    log_format: str = setting(
+        "text",
+        help="log lines as text (time, level, component, message, ids) or json (one object "
+        "per line with the same fields)",
+    )
 
     @classmethod
     def from_env(
@@ -194,6 +203,11 @@ class Settings:
             (self.publish_every_samples >= 1, "SEC_PUBLISH_EVERY_SAMPLES must be at least 1"),
             (self.publish_every_seconds > 0, "SEC_PUBLISH_EVERY_SECONDS must be positive"),
             (-24 < self.day_offset_hours < 24, "SEC_DAY_OFFSET_HOURS must be within (-24, 24)"),
+            (self.log_format in ("text", "json"), "SEC_LOG_FORMAT must be text or json"),
+            (
+                self.log_level in LOG_LEVELS,
+                f"SEC_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}",
+            ),
         ]
         for name in ("broker_port", "controller_port", "web_port"):
             port = getattr(self, name)
