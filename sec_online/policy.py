@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import pickle
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -230,7 +231,17 @@ class Policy:
             state = torch.load(io.BytesIO(update.weights()), map_location="cpu", weights_only=True)
             model.load_state_dict(state, strict=True)
             return cls(update.version, model, Selector.from_dict(update.selector))
-        except (RuntimeError, ValueError, TypeError, KeyError, binascii.Error) as exc:
+        # torch.load raises many types on foreign bytes: IndexError, EOFError, RuntimeError or
+        # UnpicklingError among them (torch 2.9).
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+            LookupError,
+            EOFError,
+            pickle.UnpicklingError,
+            binascii.Error,
+        ) as exc:
             raise InvalidPolicyUpdate(
                 "invalid_weights", f"policy version {update.version} does not load: {exc}"
             ) from exc

@@ -4,6 +4,22 @@ Every record is a UTF-8 JSON object whose ``schema`` field names the record type
 version, for example ``"impression/1"``. Records on user-keyed topics carry the user id as their
 key (decimal text). ``decode_*`` raise ``InvalidRecord`` with a short machine-readable reason and a
 message; the worker sends such records to the dead-letter topic.
+
+Validation rules, checked on each record alone:
+
+- A record is at most ``MAX_RECORD_BYTES`` bytes of UTF-8 JSON whose top level is an object with
+  exactly the fields of its schema. An unknown ``schema`` value, including another version of a
+  known type, is rejected, because a worker must not guess at a format it was not written for.
+- Integer fields must be JSON integers that fit a signed 64-bit integer (``-2**63 + 1`` to
+  ``2**63 - 1``). A float, even ``1e308`` or ``3.0``, a string or a boolean is ``wrong_type``.
+- ``event_id`` is a non-empty string of at most ``MAX_EVENT_ID_CHARS`` characters, because the
+  worker keeps the ids of a session's impressions in the user's state.
+- Times (``time_ms``, ``session_id``, ``previous_session_id``) lie in a fixed valid range, from
+  2000-01-01 to 2100-01-01 UTC. The range is fixed rather than relative to the wall clock
+  because a replay publishes the log's 2022 event times today. A record far ahead of the
+  user's own earlier events is rejected by ``sec_online.userstate``, which knows that history.
+- A return's gap is consistent with the session it closes: ``session_id - gap_ms`` (the last
+  request of the previous session) is not before ``previous_session_id``.
 """
 
 from __future__ import annotations
@@ -17,12 +33,13 @@ FEEDBACK_SIGNALS = ("click", "long_view", "like", "comment", "forward", "follow"
 IMPRESSION_SCHEMA = "impression/1"
 RETURN_SCHEMA = "return/1"
 SAMPLE_SCHEMA = "sample/1"
-# Any request time before 2000-01-01 or after 2100-01-01 is treated as corrupt.
+# Valid range of every time field, in ms since the Unix epoch: 2000-01-01 to 2100-01-01 UTC.
 MIN_TIME_MS = 946_684_800_000
 MAX_TIME_MS = 4_102_444_800_000
 MAX_RECORD_BYTES = 1_000_000
 # Integer fields must fit a signed 64-bit integer, as in Kafka, RocksDB keys and tensors.
 MAX_INT = 2**63 - 1
+MAX_EVENT_ID_CHARS = 128
 
 
 class InvalidRecord(ValueError):
@@ -206,8 +223,7 @@ def _build(payload: dict[str, Any], schema: str) -> Impression | Return:
     unexpected = sorted(payload.keys() - expected)
     if unexpected:
         raise InvalidRecord("unexpected_field", f"{schema} has unknown {', '.join(unexpected)}")
-    if not isinstance(payload["event_id"], str) or not payload["event_id"]:
-        raise InvalidRecord("wrong_type", "event_id must be a non-empty string")
+    _check_event_id(payload["event_id"])
     for name in _INT_FIELDS[schema]:
         _check_int(name, payload[name])
     for name in _OPTIONAL_INT_FIELDS[schema]:
@@ -215,6 +231,15 @@ def _build(payload: dict[str, Any], schema: str) -> Impression | Return:
             _check_int(name, payload[name])
     _check_ranges(payload, schema)
     return kind(**payload)
+
+
+def _check_event_id(value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidRecord("wrong_type", "event_id must be a non-empty string")
+    if len(value) > MAX_EVENT_ID_CHARS:
+        raise InvalidRecord(
+            "too_large", f"event_id has {len(value)} characters, limit {MAX_EVENT_ID_CHARS}"
+        )
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -230,7 +255,11 @@ def _check_int(name: str, value: Any) -> None:
 def _check_ranges(payload: dict[str, Any], schema: str) -> None:
     for name in ("time_ms", "session_id"):
         if not MIN_TIME_MS <= payload[name] <= MAX_TIME_MS:
-            raise InvalidRecord("out_of_range", f"{name}={payload[name]} is not a plausible time")
+            raise InvalidRecord(
+                "out_of_range",
+                f"{name}={payload[name]} is outside the valid range {MIN_TIME_MS} to "
+                f"{MAX_TIME_MS} (2000-01-01 to 2100-01-01 UTC, in ms)",
+            )
     if payload["user_id"] < 0:
         raise InvalidRecord("out_of_range", f"user_id={payload['user_id']} is negative")
     if schema == IMPRESSION_SCHEMA:
@@ -247,8 +276,23 @@ def _check_ranges(payload: dict[str, Any], schema: str) -> None:
             raise InvalidRecord("out_of_range", "previous_session_impressions is negative")
         if payload["gap_ms"] is not None and payload["gap_ms"] < 0:
             raise InvalidRecord("out_of_range", f"gap_ms={payload['gap_ms']} is negative")
-        previous = payload["previous_session_id"]
-        if previous is not None and previous >= payload["session_id"]:
-            raise InvalidRecord("out_of_range", "previous_session_id is not before session_id")
-        if previous is not None and payload["gap_ms"] is None:
-            raise InvalidRecord("missing_field", "gap_ms is null but previous_session_id is set")
+        _check_previous_session(payload)
+
+
+def _check_previous_session(payload: dict[str, Any]) -> None:
+    previous = payload["previous_session_id"]
+    if previous is None:
+        return
+    if not MIN_TIME_MS <= previous <= MAX_TIME_MS:
+        raise InvalidRecord("out_of_range", f"previous_session_id={previous} is not a valid time")
+    if previous >= payload["session_id"]:
+        raise InvalidRecord("out_of_range", "previous_session_id is not before session_id")
+    gap_ms = payload["gap_ms"]
+    if gap_ms is None:
+        raise InvalidRecord("missing_field", "gap_ms is null but previous_session_id is set")
+    if payload["session_id"] - gap_ms < previous:
+        raise InvalidRecord(
+            "out_of_range",
+            f"gap_ms={gap_ms} puts the previous session's last request before its start "
+            f"previous_session_id={previous}",
+        )

@@ -15,6 +15,24 @@ each topic keeps its own per-user order:
 Redelivered events are detected and not applied again: an impression by its ``event_id`` while
 its session is open, and by its session once that session is closed (a closed session received
 exactly the impressions its closing return counted); a return by its ``session_id``.
+
+Rules for events that are valid on their own but do not fit the user's state:
+
+- An impression that arrives after its session closed is counted in ``duplicates`` and not
+  applied, whatever its ``event_id``. The closing return counted the session's impressions and
+  all of them were applied, so a later one is a redelivery or a record the producer never
+  counted.
+- Each topic must keep a user's events in order, as Kafka does for a keyed producer. A return
+  whose session is not after the user's latest return is counted in ``duplicates``, because the
+  state keeps no return ids and so cannot tell a late return from a redelivery after a crash.
+- An event more than ``MAX_AHEAD_MS`` after the latest event applied to the user is rejected
+  with ``StateConflict("too_far_ahead")``. Without this bound one return dated 2099 would make
+  every later real return of the user look like a duplicate. The bound is relative to the
+  user's own event time, not the wall clock, because a replay publishes old event times. It
+  does not apply to a user's first event, which only the schema's fixed range bounds, and it
+  depends on how far the other topic was consumed, which matters only near the bound.
+- A return that closes or opens a session at or before the user's latest closed session is
+  rejected with ``StateConflict("conflicting_return")``.
 """
 
 from __future__ import annotations
@@ -34,6 +52,9 @@ HISTORY_DECAY = 0.8
 WATCH_RATIO_CAP = 3.0
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
+# Events later than this after the user's latest applied event are rejected. A year and a day is
+# far longer than the one-month KuaiRand log, and still rejects clocks that are decades off.
+MAX_AHEAD_MS = 366 * DAY_MS
 
 APPLIED = "applied"
 DUPLICATE = "duplicate"
@@ -88,6 +109,21 @@ def return_speed(gap_ms: int) -> float:
     return 1.0 / (1.0 + gap_ms / DAY_MS)
 
 
+def _check_not_too_far_ahead(state: dict[str, Any], time_ms: int, event_id: str) -> None:
+    latest = state.get("last_event_ms")
+    if latest is not None and time_ms > latest + MAX_AHEAD_MS:
+        raise StateConflict(
+            "too_far_ahead",
+            f"event {event_id} of user {state['user_id']} at time_ms={time_ms} is more than "
+            f"{MAX_AHEAD_MS // DAY_MS} days after the user's latest event at {latest}",
+        )
+
+
+def _advance_event_time(state: dict[str, Any], time_ms: int) -> None:
+    latest = state.get("last_event_ms")
+    state["last_event_ms"] = time_ms if latest is None else max(latest, time_ms)
+
+
 def feature_names(clusters: int) -> list[str]:
     """Names of the entries of the state feature vector, in order."""
     names = [f"rate_{name}" for name in FEEDBACK_SIGNALS]
@@ -137,6 +173,7 @@ class UserStateMachine:
             "last_closed_session_id": None,
             "last_return_session_id": None,
             "last_gap_ms": None,
+            "last_event_ms": None,
             "retention_score": None,
             "level": None,
             "boundaries_version": None,
@@ -158,11 +195,13 @@ class UserStateMachine:
         if closed_id is not None and event.session_id <= closed_id:
             state["duplicates"] += 1
             return Outcome(state, DUPLICATE)
-        session = self._open_session(state, event.session_id)
-        if event.event_id in session["event_ids"]:
+        if event.event_id in state["open"].get(str(event.session_id), {}).get("event_ids", ()):
             state["duplicates"] += 1
             return Outcome(state, DUPLICATE)
+        _check_not_too_far_ahead(state, event.time_ms, event.event_id)
+        session = self._open_session(state, event.session_id)
         self._add_to_session(state, session, event)
+        _advance_event_time(state, event.time_ms)
         return Outcome(state, APPLIED, self._close_ready(state))
 
     def apply_return(
@@ -183,6 +222,8 @@ class UserStateMachine:
             state["duplicates"] += 1
             return Outcome(state, DUPLICATE)
         self._check_closes_open_session(state, event)
+        _check_not_too_far_ahead(state, event.time_ms, event.event_id)
+        _advance_event_time(state, event.time_ms)
         state["returns"] += 1
         state["last_return_session_id"] = event.session_id
         if event.gap_ms is not None:

@@ -6,16 +6,19 @@ Layout (raw byte keys, so the folder reads the same from any RocksDB client):
   is rejected instead of being reused.
 - ``blob/<version>`` and ``meta/<version>``: the checkpoint bytes and a JSON object of metadata.
   Versions are zero-padded to 20 digits, so key order is version order.
+- ``sha256/<version>``: hex SHA-256 of the blob and the metadata bytes, checked on every load.
 - ``latest``: the newest version, as decimal text.
 
 :meth:`CheckpointStore.save` writes blob, metadata and the ``latest`` pointer in one
 ``WriteBatch``, which RocksDB applies atomically, so after a crash ``latest`` names a complete
 checkpoint or the previous one. The batch is written with ``sync`` so a saved checkpoint also
-survives a power loss.
+survives a power loss. The checksum catches what the batch cannot: bytes altered on disk or by
+another program after they were written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -28,11 +31,12 @@ __all__ = ["FORMAT", "CheckpointFormatError", "CheckpointStore", "CheckpointStor
 
 logger = logging.getLogger(__name__)
 
-FORMAT = b"sec-online-checkpoints/1"
+FORMAT = b"sec-online-checkpoints/2"
 _FORMAT_KEY = b"format"
 _LATEST_KEY = b"latest"
 _BLOB_PREFIX = b"blob/"
 _META_PREFIX = b"meta/"
+_SHA256_PREFIX = b"sha256/"
 _VERSION_DIGITS = 20
 
 
@@ -97,6 +101,7 @@ class CheckpointStore:
         batch = WriteBatch(raw_mode=True)
         batch.put(_key(_BLOB_PREFIX, version), bytes(blob))
         batch.put(_key(_META_PREFIX, version), meta_bytes)
+        batch.put(_key(_SHA256_PREFIX, version), _digest(bytes(blob), meta_bytes))
         batch.put(_LATEST_KEY, str(version).encode())
         self._db.write(batch, write_opt=_synced())
         logger.debug("saved checkpoint version=%d bytes=%d path=%s", version, len(blob), self.path)
@@ -109,12 +114,20 @@ class CheckpointStore:
             return None
         blob = self._db.get(_key(_BLOB_PREFIX, version))
         meta = self._db.get(_key(_META_PREFIX, version))
-        if blob is None or meta is None:
+        digest = self._db.get(_key(_SHA256_PREFIX, version))
+        if blob is None or meta is None or digest is None:
             raise CheckpointStoreError(
-                f"latest checkpoint version {version} in {self.path} has no blob or metadata, so "
-                "the folder was modified outside CheckpointStore. Move it away to start fresh"
+                f"latest checkpoint version {version} in {self.path} has no blob, metadata or "
+                "checksum, so the folder was modified outside CheckpointStore. Move it away to "
+                "start fresh"
             )
-        return version, bytes(blob), json.loads(meta)
+        blob, meta = bytes(blob), bytes(meta)
+        if _digest(blob, meta) != bytes(digest):
+            raise CheckpointStoreError(
+                f"checkpoint version {version} in {self.path} does not match its SHA-256, so its "
+                "bytes were altered after they were written. Move the folder away to start fresh"
+            )
+        return version, blob, json.loads(meta)
 
     def versions(self) -> list[int]:
         """Saved versions, ascending."""
@@ -138,6 +151,7 @@ class CheckpointStore:
         for version in old:
             batch.delete(_key(_BLOB_PREFIX, version))
             batch.delete(_key(_META_PREFIX, version))
+            batch.delete(_key(_SHA256_PREFIX, version))
         self._db.write(batch, write_opt=_synced())
         logger.debug("pruned %d checkpoints path=%s", len(old), self.path)
         return len(old)
@@ -187,6 +201,14 @@ class CheckpointStore:
 
 def _key(prefix: bytes, version: int) -> bytes:
     return prefix + str(version).zfill(_VERSION_DIGITS).encode()
+
+
+def _digest(blob: bytes, meta: bytes) -> bytes:
+    # The blob's length goes first, so moving bytes between blob and metadata changes the hash.
+    hasher = hashlib.sha256(len(blob).to_bytes(8, "big"))
+    hasher.update(blob)
+    hasher.update(meta)
+    return hasher.hexdigest().encode()
 
 
 def _synced() -> WriteOptions:

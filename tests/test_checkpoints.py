@@ -162,3 +162,26 @@ def test_trainer_checkpoint_through_store(path):
     restored = Trainer.restore(blob, settings)
     assert (version, meta) == (1, {"steps": 4})
     assert original.learn_many(samples[32:]) == restored.learn_many(samples[32:])
+
+
+def test_altered_blob_rejected(path):
+    with CheckpointStore(path) as store:
+        store.save(1, b"original", {"steps": 1})
+    db = raw_db(path)
+    db[b"blob/" + b"1".zfill(20)] = b"origina1"
+    db.close()
+    with CheckpointStore(path) as store, pytest.raises(CheckpointStoreError, match="SHA-256"):
+        store.load_latest()
+
+
+def test_prune_removes_checksums(path):
+    with CheckpointStore(path) as store:
+        for version in range(1, 4):
+            store.save(version, b"x", {})
+        store.prune(keep=1)
+    db = raw_db(path)
+    try:
+        keys = [bytes(key) for key in db.keys()]
+    finally:
+        db.close()
+    assert [key for key in keys if key.startswith(b"sha256/")] == [b"sha256/" + b"3".zfill(20)]

@@ -1,5 +1,6 @@
 import base64
 import dataclasses
+import hashlib
 import json
 import random
 
@@ -20,6 +21,7 @@ from sec_online.schemas import Sample
 from sec_online.selector import Selector
 from sec_online.settings import Settings
 from sec_online.trainer import Trainer
+from streams.policy_follower import PolicyFollower
 
 N_FEATURES = 45
 
@@ -208,3 +210,46 @@ def test_oversized_update_rejected(update):
 def test_round_trip_any_counters(update, version, created_ms, loss):
     changed = dataclasses.replace(update, version=version, created_ms=created_ms, loss=loss)
     assert decode_update(encode_update(changed)) == changed
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [b"these bytes are not a torch state_dict", b"\x80\x02", b"PK\x03\x04not a zip archive"],
+)
+def test_foreign_weights_rejected(update, foreign):
+    record = dataclasses.replace(
+        update,
+        weights_b64=base64.b64encode(foreign).decode(),
+        sha256=hashlib.sha256(foreign).hexdigest(),
+    )
+    decoded = decode_update(encode_update(record))
+    with pytest.raises(InvalidPolicyUpdate) as error:
+        Policy.from_update(decoded)
+    assert error.value.reason == "invalid_weights"
+
+
+def test_follower_keeps_previous_version(default_trainer, update):
+    follower = PolicyFollower(Settings(data_dir=None))
+    newer = default_trainer.make_update(version=8, created_ms=1_700_000_000_001)
+    foreign = b"not weights"
+    unloadable = dataclasses.replace(
+        newer,
+        weights_b64=base64.b64encode(foreign).decode(),
+        sha256=hashlib.sha256(foreign).hexdigest(),
+    )
+    raw = encode_update(newer)
+    assert follower.accept(encode_update(update), offset=0)
+    assert not follower.accept(raw[: len(raw) // 2], offset=1)
+    assert not follower.accept(tampered(newer, sha256="0" * 64), offset=2)
+    assert not follower.accept(encode_update(unloadable), offset=3)
+    assert not follower.accept(encode_update(update), offset=4)
+    assert follower.update.version == 7
+    assert follower.policy.version == 7
+    assert follower.invalid_updates == 3
+    assert follower.invalid_update_reasons == {
+        "undecodable": 1,
+        "checksum_mismatch": 1,
+        "invalid_weights": 1,
+    }
+    assert follower.accept(raw, offset=5)
+    assert follower.policy.version == 8

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sec_online.schemas import (
+    MAX_EVENT_ID_CHARS,
     MAX_RECORD_BYTES,
     MAX_TIME_MS,
     MIN_TIME_MS,
@@ -59,7 +60,7 @@ def returns(draw):
         session_id=session,
         previous_session_id=previous,
         previous_session_impressions=0 if previous is None else draw(st.integers(1, 500)),
-        gap_ms=None if previous is None else draw(st.integers(0, 10**10)),
+        gap_ms=None if previous is None else draw(st.integers(0, session - previous)),
     )
 
 
@@ -124,5 +125,25 @@ def test_huge_integer_rejected():
 def test_far_future_time_rejected():
     record = json.loads(encode(Impression("e", 1, 2, MIN_TIME_MS, MIN_TIME_MS, *[0] * 7, 1, 1, 1)))
     record["time_ms"] = MAX_TIME_MS + 1
-    with pytest.raises(InvalidRecord, match="plausible time"):
+    with pytest.raises(InvalidRecord, match="outside the valid range"):
         decode_impression(json.dumps(record).encode())
+
+
+def test_long_event_id_rejected():
+    record = json.loads(encode(Impression("e", 1, 2, MIN_TIME_MS, MIN_TIME_MS, *[0] * 7, 1, 1, 1)))
+    record["event_id"] = "x" * (MAX_EVENT_ID_CHARS + 1)
+    with pytest.raises(InvalidRecord) as error:
+        decode_impression(json.dumps(record).encode())
+    assert error.value.reason == "too_large"
+
+
+def test_gap_before_previous_session_rejected():
+    start = MIN_TIME_MS + 10 * 86_400_000
+    previous = start - 86_400_000
+    valid = Return("r", 1, start, start, previous, 3, start - previous)
+    assert decode_return(encode(valid)) == valid
+    record = json.loads(encode(valid))
+    record["gap_ms"] = start - previous + 1
+    with pytest.raises(InvalidRecord, match="before its start") as error:
+        decode_return(json.dumps(record).encode())
+    assert error.value.reason == "out_of_range"

@@ -14,6 +14,7 @@ from sec_online.userstate import (
     APPLIED,
     DUPLICATE,
     HISTORY_DECAY,
+    MAX_AHEAD_MS,
     StateConflict,
     UserStateMachine,
     action_weight,
@@ -230,3 +231,43 @@ def test_state_is_json():
     state, _ = run([returns[0], *impressions])
     assert json.loads(json.dumps(state)) == state
     assert APPLIED == "applied"
+
+
+def test_far_ahead_impression_rejected():
+    m = machine()
+    state = m.apply_impression(None, impression(T0, 0, 1)).state
+    later = T0 + MAX_AHEAD_MS + 1
+    with pytest.raises(StateConflict) as error:
+        m.apply_impression(state, impression(later, 0, 2))
+    assert error.value.reason == "too_far_ahead"
+    assert state["impressions"] == 1
+    assert list(state["open"]) == [str(T0)]
+    assert state["last_event_ms"] == T0
+
+
+def test_far_ahead_return_rejected_state_unchanged():
+    m = machine()
+    state = m.apply_return(None, return_event(T0, None, 0, None), even_boundaries(3), 0).state
+    before = json.loads(json.dumps(state))
+    far = T0 + MAX_AHEAD_MS + DAY
+    with pytest.raises(StateConflict, match="too_far_ahead"):
+        m.apply_return(state, return_event(far, T0, 0, DAY), even_boundaries(3), 0)
+    assert state == before
+    # A real later return is still applied, so one corrupt record cannot freeze the user.
+    outcome = m.apply_return(state, return_event(T0 + DAY, T0, 0, DAY), even_boundaries(3), 0)
+    assert outcome.status == APPLIED
+    assert outcome.state["returns"] == 2
+
+
+def test_bound_admits_a_year_pause():
+    m = machine()
+    state = m.apply_impression(None, impression(T0, 0, 1)).state
+    outcome = m.apply_impression(state, impression(T0 + MAX_AHEAD_MS, 0, 2))
+    assert outcome.status == APPLIED
+    assert outcome.state["last_event_ms"] == T0 + MAX_AHEAD_MS
+
+
+def test_first_event_has_no_bound():
+    m = machine()
+    outcome = m.apply_impression(None, impression(T0 + 10 * MAX_AHEAD_MS, 0, 1))
+    assert outcome.status == APPLIED
