@@ -285,15 +285,16 @@ def _run_state_dump(settings: Settings, args: argparse.Namespace) -> int:
 def _add_reliability(commands: argparse._SubParsersAction) -> None:
     reliability = commands.add_parser(
         "reliability",
-        help="run fault scenarios (worker killed, stopped, table deleted, duplicate and invalid "
-        "records) on a slice of the log and check that no event is lost or applied twice; "
-        "writes reports/reliability/summary.json",
+        help="run fault scenarios (worker killed, stopped, table deleted, rebalance, broker "
+        "restart, trainer killed, duplicate and invalid records) on a slice of the log and "
+        "check that no event is lost or applied twice; writes reports/reliability/summary.json",
     )
     reliability.add_argument(
         "--scenarios",
         default=None,
         help="comma-separated scenarios (default: all, that is sigkill, sigterm, "
-        "duplicates_and_garbage and rocksdb_deleted)",
+        "duplicates_and_garbage, rocksdb_deleted, rebalance, broker_restart, bad_input_mix and "
+        "trainer_killed)",
     )
     reliability.add_argument("--users", type=int, default=30, help="users in the log slice")
     reliability.add_argument("--seed", type=int, default=0, help="seed of the fault points")

@@ -14,6 +14,11 @@ Scenarios:
   between the valid ones; copies must be counted as duplicates, invalid records dead-lettered.
 - ``rocksdb_deleted``: SIGTERM the worker after half the events, delete its RocksDB table folder
   and restart it, so the table is rebuilt from the changelog topic alone.
+- ``rebalance``: a second worker joins the group at a seeded point, the first leaves (SIGTERM)
+  at a later one, and the second consumes the rest alone.
+- ``broker_restart``: on a broker of its own, the scenario stops the broker at a seeded point of
+  a ``sec-online replay`` for BROKER_OUTAGE_S seconds. Then it starts the broker again on the
+  same ports and data folder, and the replay and the worker must retry until it is back.
 
 Every scenario uses its own topics (``<prefix><scenario>.``), consumer group and work folder,
 and deletes those of an earlier run of the same prefix when it starts.
@@ -21,12 +26,14 @@ and deletes those of an earlier run of the same prefix when it starts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -35,8 +42,9 @@ import threading
 import time
 import urllib.error
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +52,7 @@ import pandas as pd
 from kafka import KafkaAdminClient, KafkaProducer
 
 from sec_online import topics
+from sec_online.broker import BrokerError, ManagedBroker
 from sec_online.clusters import build_clusters
 from sec_online.data import find_logs
 from sec_online.kafka_admin import (
@@ -53,7 +62,7 @@ from sec_online.kafka_admin import (
     read_all,
 )
 from sec_online.reference import reference_user_state
-from sec_online.replay import iter_events, load_slice, producer_settings
+from sec_online.replay import ReplayError, iter_events, load_slice, producer_settings, replay
 from sec_online.runtime import changelog_topic, create_topics, users_table_name
 from sec_online.schemas import Impression, encode, encode_key
 from sec_online.settings import Settings
@@ -62,7 +71,21 @@ from sec_online.workerproc import WorkerProcess, WorkerProcessError
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("sigkill", "sigterm", "duplicates_and_garbage", "rocksdb_deleted")
+SCENARIOS = (
+    "sigkill",
+    "sigterm",
+    "duplicates_and_garbage",
+    "rocksdb_deleted",
+    "rebalance",
+    "broker_restart",
+    "bad_input_mix",
+    "trainer_killed",
+)
+# Scenarios written in their own modules (sec_online.inputfaults, sec_online.trainerfaults).
+# They return the summary fields as a dict instead of a ScenarioResult.
+MODULE_SCENARIOS = ("bad_input_mix", "trainer_killed")
+# Scenarios that stop the broker, so they start a broker of their own.
+OWN_BROKER_SCENARIOS = ("broker_restart",)
 DEFAULT_PREFIX = "reliability."
 CLIENT_ID = "sec-online-reliability"
 # Users of the slice have between these numbers of rows, so each has several sessions.
@@ -84,6 +107,26 @@ SEND_TIMEOUT_S = 60.0
 # Seconds a restarted worker may take to consume again. After a SIGKILL the group's rebalance
 # waits for the killed member's session to time out.
 RESTART_TIMEOUT_S = 180.0
+# Records per second of the rebalance scenario: slow enough (about 30 s for 1,900 records) that
+# records still arrive during both rebalances.
+REBALANCE_RATE = 60.0
+# The second worker joins, and later the first leaves, between these fractions of the committed
+# records.
+JOIN_WINDOW = (0.1, 0.3)
+LEAVE_WINDOW = (0.55, 0.8)
+# Seconds the broker_restart scenario keeps its broker stopped, and the wall time over which its
+# replay spreads the slice, so the outage falls in the middle of the replay.
+BROKER_OUTAGE_S = 12.0
+BROKER_REPLAY_S = 40.0
+OUTAGE_WINDOW = (0.2, 0.5)
+BROKER_START_TIMEOUT_S = 120.0
+# Text log lines of the worker (sec_online.logs, and Faust's own) start with the local time,
+# "2026-01-31 12:00:00,123", Faust's in brackets. JSON lines carry "time" in UTC instead.
+TEXT_LOG_TIME = re.compile(r"^\[?(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]?\s")
+# The worker's own lines about rebalances (streams.app).
+REBALANCE_MESSAGE = re.compile(
+    r"rebalance (started|complete) topic=(\S+) (?:revoked_)?partitions=\[([\d, ]*)\]"
+)
 # Relative tolerance of the float fields: the worker folds one event at a time, the reference
 # sums whole columns, so the two round differently.
 REL_TOLERANCE = 1e-6
@@ -182,6 +225,12 @@ class ScenarioResult:
                 f"users {self.checks['last_record_users_wrong']} of the last changelog records "
                 "are wrong after recovery"
             )
+        records = self.checks.get("records_in_source_topics")
+        if records is not None and records != self.published:
+            failures.append(f"{records} records in the source topics, {self.published} published")
+        idle = self.checks.get("workers_without_partitions")
+        if idle:
+            failures.append(f"workers {idle} never owned a partition")
         in_table = self.checks.get("users_in_table")
         if in_table is not None and in_table != self.checks.get("users_in_reference"):
             failures.append(f"{in_table} users in the rebuilt table, expected all of them")
@@ -338,8 +387,34 @@ def scenario_settings(base: Settings, prefix: str, name: str, web_port: int) -> 
     )
 
 
-def reset_scenario(settings: Settings, clusters_cache: Path | None) -> None:
-    """Delete the scenario's topics and work folder of an earlier run, then create the topics."""
+def reset_scenario(
+    settings: Settings, clusters_cache: Path | None, keep: Path | None = None
+) -> None:
+    """Delete the scenario's topics and work folder of an earlier run, then create the topics.
+
+    ``keep`` is a folder directly under the work folder that stays, such as a running broker's.
+    """
+    delete_stale_topics(settings)
+    reset_work_dir(settings.work_dir, keep)
+    if clusters_cache is not None and clusters_cache.is_dir():
+        shutil.copytree(clusters_cache, settings.work_dir / "clusters")
+    create_topics(settings)
+
+
+def reset_work_dir(work_dir: Path, keep: Path | None = None) -> None:
+    """Empty ``work_dir`` except ``keep``, creating it when missing."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for path in work_dir.iterdir():
+        if path == keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def delete_stale_topics(settings: Settings) -> None:
+    """Delete the topics of an earlier run with the scenario's topic prefix."""
     admin = KafkaAdminClient(
         bootstrap_servers=settings.bootstrap, client_id="sec-online-reliability"
     )
@@ -352,12 +427,6 @@ def reset_scenario(settings: Settings, clusters_cache: Path | None) -> None:
     if stale:
         logger.info("deleting topics of an earlier run: %s", ", ".join(stale))
         delete_topics(settings.bootstrap, stale)
-    if settings.work_dir.exists():
-        shutil.rmtree(settings.work_dir)
-    settings.work_dir.mkdir(parents=True)
-    if clusters_cache is not None and clusters_cache.is_dir():
-        shutil.copytree(clusters_cache, settings.work_dir / "clusters")
-    create_topics(settings)
 
 
 def publish(settings: Settings, records: Iterable[Record]) -> int:
@@ -641,14 +710,28 @@ def with_duplicates_and_garbage(
 
 # Scenarios.
 class ScenarioRun:
-    """The state shared by the steps of one scenario: settings, slice, result and worker."""
+    """The state shared by the steps of one scenario: settings, slice, result and workers.
 
-    def __init__(self, settings: Settings, log_slice: LogSlice, name: str, timeout_s: float):
+    ``worker`` is the worker whose state and pages the scenario checks at its end; ``workers``
+    lists every worker started, so ``close`` stops them all. ``broker`` is the scenario's own
+    broker, ``None`` when it runs on the given cluster.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_slice: LogSlice,
+        name: str,
+        timeout_s: float,
+        broker: ManagedBroker | None = None,
+    ):
         self.settings = settings
         self.slice = log_slice
         self.result = ScenarioResult(name=name)
         self.timeout_s = timeout_s
+        self.broker = broker
         self.worker: WorkerProcess | None = None
+        self.workers: list[WorkerProcess] = []
         self.starts = 0
         self.started = time.monotonic()
 
@@ -660,6 +743,7 @@ class ScenarioRun:
         self.starts += 1
         worker, seconds = start_worker(self.settings, f"worker-{self.starts}.log")
         self.worker = worker
+        self.workers.append(worker)
         if after is not None:
             self.result.restarts.append({"after": after, "recovery_seconds": seconds})
         return worker
@@ -681,13 +765,19 @@ class ScenarioRun:
         self.result.expected_dead_letter_reasons = dict(sorted(Counter(expected_reasons).items()))
         served = served_mismatches(worker, states)
         self.result.checks["served_states_differing_from_changelog"] = served
+        # The producers are idempotent and not transactional, so the end offsets count the
+        # records: a retried send written twice shows as more records than published.
+        self.result.checks["records_in_source_topics"] = sum(
+            sum(end_offsets(self.settings.bootstrap, topic).values())
+            for topic in source_topics(self.settings)
+        )
         times = [restart["recovery_seconds"] for restart in self.result.restarts]
         self.result.recovery_seconds = max(times) if times else None
         return self.result
 
     def close(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        for worker in self.workers:
+            worker.stop()
         self.result.wall_seconds = round(time.monotonic() - self.started, 1)
 
 
@@ -817,11 +907,299 @@ def delete_table_folders(settings: Settings) -> list[Path]:
     return folders
 
 
+@dataclass(frozen=True)
+class RebalanceLine:
+    """One of the worker's log lines about a rebalance of the impressions topic.
+
+    ``time_s`` is the line's Unix time (from the local time that Faust logs, to the ms).
+    ``kind`` is ``"started"`` (with the partitions revoked) or ``"complete"`` (with the
+    partitions the worker consumes from then on).
+    """
+
+    time_s: float
+    kind: str
+    partitions: tuple[int, ...]
+
+
+def rebalance_lines(log_file: Path, topic: str) -> list[RebalanceLine]:
+    """Read the rebalance lines of ``topic`` from a worker's log, in order (none without a log)."""
+    try:
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = []
+    for line in text.splitlines():
+        parsed = _time_and_message(line)
+        found = REBALANCE_MESSAGE.search(parsed[1]) if parsed else None
+        if parsed is None or found is None or found.group(2) != topic:
+            continue
+        numbers = tuple(int(number) for number in found.group(3).split(",") if number.strip())
+        lines.append(RebalanceLine(parsed[0], found.group(1), numbers))
+    return lines
+
+
+def _time_and_message(line: str) -> tuple[float, str] | None:
+    """Unix time and message of a text or JSON log line; ``None`` for other lines."""
+    if line.startswith("{"):
+        try:
+            record = json.loads(line)
+            stamp = datetime.strptime(record["time"], "%Y-%m-%dT%H:%M:%S.%fZ")
+        except (ValueError, KeyError, TypeError):
+            return None
+        return stamp.replace(tzinfo=UTC).timestamp(), str(record.get("message", ""))
+    match = TEXT_LOG_TIME.match(line)
+    if match is None:
+        return None
+    stamp = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp(), line[match.end() :]
+
+
+def wait_rebalanced(
+    settings: Settings, workers: Sequence[WorkerProcess], since_s: float, timeout_s: float
+) -> float:
+    """Wait until ``workers`` together consume every partition after a rebalance.
+
+    Each worker must have logged "rebalance complete" after ``since_s`` (Unix time), and the
+    partitions of their latest such lines must cover the impressions topic once.
+
+    Returns
+    -------
+    float
+        Unix time of the last of those lines, when the last worker resumed consumption.
+    """
+    topic = settings.topic(topics.IMPRESSIONS)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        latest = []
+        for worker in workers:
+            worker.check_alive("waiting for the rebalance")
+            done = [
+                line
+                for line in rebalance_lines(worker.log_file, topic)
+                if line.kind == "complete" and line.time_s >= since_s
+            ]
+            latest.append(done[-1] if done else None)
+        owned = sorted(p for line in latest if line is not None for p in line.partitions)
+        if None not in latest and owned == list(range(settings.partitions)):
+            return max(line.time_s for line in latest if line is not None)
+        time.sleep(POLL_S)
+    logs = ", ".join(str(worker.log_file) for worker in workers)
+    raise ReliabilityError(
+        f"the workers did not share the {settings.partitions} partitions of {topic} within "
+        f"{timeout_s:.0f} s after the rebalance; see {logs}"
+    )
+
+
+def pause_start(workers: Sequence[WorkerProcess], topic: str, since_s: float) -> float:
+    """Return the first time after ``since_s`` that a worker's log shows it revoking partitions.
+
+    A joining worker logs "rebalance started" too, but it revokes nothing and its line comes
+    while the others still consume, so only lines with revoked partitions count.
+    """
+    starts = [
+        line.time_s
+        for worker in workers
+        for line in rebalance_lines(worker.log_file, topic)
+        if line.kind == "started" and line.partitions and line.time_s >= since_s
+    ]
+    return min(starts, default=since_s)
+
+
+def owned_partitions(worker: WorkerProcess, topic: str) -> list[int]:
+    """Return every partition of ``topic`` that the worker's log shows it consumed at some point."""
+    lines = rebalance_lines(worker.log_file, topic)
+    return sorted({p for line in lines if line.kind == "complete" for p in line.partitions})
+
+
+def second_worker(run: ScenarioRun) -> Settings:
+    """Settings of a second worker in the group: own web port and work folder."""
+    settings = dataclasses.replace(
+        run.settings, web_port=_free_port(), work_dir=run.settings.work_dir / "second-worker"
+    )
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    clusters = run.settings.work_dir / "clusters"
+    if clusters.is_dir():
+        shutil.copytree(clusters, settings.work_dir / "clusters")
+    return settings
+
+
+def run_rebalance(run: ScenarioRun, rng: random.Random) -> None:
+    """Let a second worker join mid-replay, then stop the first; the second finishes alone.
+
+    Each rebalance's ``recovery_seconds`` runs from the moment consumption paused until every
+    partition was consumed again, from the workers' "rebalance started" and "rebalance
+    complete" lines. Consumption pauses at the first worker's revocation when the second
+    joins, and at the SIGTERM when the first leaves, since it stops consuming at once.
+    """
+    records = as_records(run.settings, run.slice.events)
+    topic = run.settings.topic(topics.IMPRESSIONS)
+    join_at, leave_at = rng.uniform(*JOIN_WINDOW), rng.uniform(*LEAVE_WINDOW)
+    first = run.start()
+    publisher = PacedPublisher(run.settings, records, REBALANCE_RATE).start()
+    reached = wait_progress(run.settings, first, join_at, len(records))
+    joined = time.time()
+    # Records wait while the second worker imports its libraries (tens of seconds on a busy
+    # machine), so that it joins the group while most of the replay is still to come.
+    publisher.gate.clear()
+    settings = second_worker(run)
+    second = WorkerProcess(settings, settings.work_dir / "worker-second.log").start()
+    run.workers.append(second)
+    second.wait_healthy()
+    publisher.gate.set()
+    resumed = wait_rebalanced(run.settings, [first, second], joined, RESTART_TIMEOUT_S)
+    paused = pause_start([first, second], topic, joined)
+    run.result.restarts.append(
+        {
+            "after": f"second worker joined at {reached:.1%} committed",
+            "recovery_seconds": round(resumed - paused, 2),
+        }
+    )
+    reached = wait_progress(run.settings, second, max(leave_at, reached), len(records))
+    first.check_alive("waiting for the leave point")
+    left = time.time()
+    run.result.checks["exit_codes"] = [kill(first, signal.SIGTERM)]
+    run.worker = second
+    resumed = wait_rebalanced(run.settings, [second], left, RESTART_TIMEOUT_S)
+    run.result.restarts.append(
+        {
+            "after": f"first worker left (SIGTERM) at {reached:.1%} committed",
+            "recovery_seconds": round(resumed - left, 2),
+        }
+    )
+    run.result.published = publisher.join(len(records) / REBALANCE_RATE + RESTART_TIMEOUT_S)
+    owned = {"first": owned_partitions(first, topic), "second": owned_partitions(second, topic)}
+    run.result.checks["partitions_owned"] = owned
+    idle = [name for name, partitions in owned.items() if not partitions]
+    run.result.checks["workers_without_partitions"] = idle
+    run.finish()
+
+
+def run_broker_restart(run: ScenarioRun, rng: random.Random) -> None:
+    """Stop the scenario's broker mid-replay for BROKER_OUTAGE_S, then start it again.
+
+    The events go out through ``sec_online.replay.replay`` (the code of ``sec-online replay``)
+    in a thread, paced to last about BROKER_REPLAY_S. ``recovery_seconds`` runs from the
+    broker's start until the worker's ``/stats/`` counts a record consumed after the outage.
+    """
+    broker = run.broker
+    if broker is None:
+        raise ReliabilityError("the broker_restart scenario needs a broker of its own")
+    worker = run.start()
+    replayer = BackgroundReplay(run.settings, run.slice, BROKER_REPLAY_S).start()
+    point = rng.uniform(*OUTAGE_WINDOW)
+    reached = wait_progress(run.settings, worker, point, len(run.slice.events))
+    broker.stop()
+    logger.info("stopped the broker at %.1f%% committed for %.0f s", reached * 100, BROKER_OUTAGE_S)
+    time.sleep(BROKER_OUTAGE_S)
+    worker.check_alive("the broker was down")
+    consumed = sum(worker.get("/stats/")["consumed"].values())
+    started = time.monotonic()
+    broker.start(timeout_s=BROKER_START_TIMEOUT_S)
+    broker_ready = time.monotonic() - started
+    recovery = wait_consumed_beyond(worker, consumed, started, RESTART_TIMEOUT_S)
+    run.result.restarts.append(
+        {
+            "after": f"broker stopped {BROKER_OUTAGE_S:.0f} s at {reached:.1%} committed",
+            "recovery_seconds": recovery,
+            "broker_start_seconds": round(broker_ready, 2),
+        }
+    )
+    report = replayer.join(run.timeout_s)
+    run.result.published = report["impressions"] + report["returns"]
+    run.result.checks["replay_warnings"] = replayer.warnings
+    run.finish()
+
+
+def wait_consumed_beyond(
+    worker: WorkerProcess, consumed: int, started: float, timeout_s: float
+) -> float:
+    """Wait until the worker's consumed count exceeds ``consumed``; seconds since ``started``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        worker.check_alive("reconnecting to the broker")
+        try:
+            now = sum(worker.get("/stats/")["consumed"].values())
+        except (urllib.error.URLError, TimeoutError) as exc:
+            logger.info("worker page not available yet: %s", exc)
+            now = consumed
+        if now > consumed:
+            return round(time.monotonic() - started, 2)
+        time.sleep(POLL_S)
+    raise ReliabilityError(
+        f"the worker consumed nothing within {timeout_s:.0f} s of the broker's restart; see "
+        f"{worker.log_file}"
+    )
+
+
+class BackgroundReplay:
+    """``sec_online.replay.replay`` of the slice's rows in a thread, paced to ``seconds``.
+
+    The slice's rows are written to a CSV in the work folder, the same rows from which
+    ``build_slice`` derived its events, so the replay publishes exactly those events.
+    ``warnings`` collects the replay's WARNING messages.
+    """
+
+    def __init__(self, settings: Settings, log_slice: LogSlice, seconds: float) -> None:
+        self.settings = settings
+        self.path = write_slice_log(settings, log_slice.user_ids)
+        times = [json.loads(value)["time_ms"] for _, _, value in log_slice.events]
+        self.speed = max(1.0, (max(times) - min(times)) / 1000.0 / seconds)
+        self.report: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.warnings: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="background-replay", daemon=True)
+
+    def start(self) -> BackgroundReplay:
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the replay's end; returns its report as a dict."""
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise ReliabilityError(f"the replay did not finish within {timeout_s:.0f} s")
+        if self.error is not None or self.report is None:
+            raise ReliabilityError(f"the replay failed: {self.error}") from self.error
+        return self.report
+
+    def _run(self) -> None:
+        capture = _WarningCapture(self.warnings)
+        replay_logger = logging.getLogger("sec_online.replay")
+        replay_logger.addHandler(capture)
+        try:
+            report = replay(self.settings, [self.path], speed=self.speed, progress=False)
+            self.report = report.to_dict()
+        except Exception as exc:  # noqa: BLE001 - reported by join()
+            self.error = exc
+        finally:
+            replay_logger.removeHandler(capture)
+
+
+class _WarningCapture(logging.Handler):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+def write_slice_log(settings: Settings, user_ids: Sequence[int]) -> Path:
+    """Write every log row of ``user_ids`` to ``<work_dir>/log_standard_slice.csv.gz``."""
+    log_path = find_logs(settings.require_data_dir())[0]
+    log = pd.read_csv(log_path)
+    path = settings.work_dir / "log_standard_slice.csv.gz"
+    log[log["user_id"].isin(user_ids)].to_csv(path, index=False)
+    return path
+
+
 SCENARIO_STEPS: dict[str, Callable[[ScenarioRun, random.Random], None]] = {
     "sigkill": run_sigkill,
     "sigterm": run_sigterm,
     "duplicates_and_garbage": run_duplicates_and_garbage,
     "rocksdb_deleted": run_rocksdb_deleted,
+    "rebalance": run_rebalance,
+    "broker_restart": run_broker_restart,
 }
 
 
@@ -835,21 +1213,64 @@ def run_scenario(
     web_port: int | None = None,
     timeout_s: float = 600.0,
 ) -> ScenarioResult:
-    """Run one scenario on its own topics and work folder and return its result."""
+    """Run one scenario on its own topics and work folder and return its result.
+
+    Scenarios of OWN_BROKER_SCENARIOS run on a broker that they start on free ports of
+    127.0.0.1, with its folder under the scenario's work folder, and stop at their end.
+    """
     settings = scenario_settings(base, prefix, name, web_port or _free_port())
-    reset_scenario(settings, base.work_dir / "clusters")
-    run = ScenarioRun(settings, log_slice, name, timeout_s)
     rng = random.Random(f"{seed}-{name}")
-    logger.info("scenario starting name=%s topics=%s* seed=%d", name, settings.topic_prefix, seed)
-    try:
-        SCENARIO_STEPS[name](run, rng)
-    except WorkerProcessError as exc:
-        raise ReliabilityError(f"scenario {name}: {exc}") from exc
-    finally:
-        run.close()
+    with contextlib.ExitStack() as stack:
+        broker = None
+        if name in OWN_BROKER_SCENARIOS:
+            broker = stack.enter_context(scenario_broker(settings))
+            settings = dataclasses.replace(settings, bootstrap_servers=broker.bootstrap)
+        reset_scenario(settings, base.work_dir / "clusters", keep=broker and broker.home)
+        run = ScenarioRun(settings, log_slice, name, timeout_s, broker)
+        logger.info(
+            "scenario starting name=%s topics=%s* seed=%d", name, settings.topic_prefix, seed
+        )
+        try:
+            SCENARIO_STEPS[name](run, rng)
+        except (WorkerProcessError, BrokerError, ReplayError) as exc:
+            raise ReliabilityError(f"scenario {name}: {exc}") from exc
+        finally:
+            run.close()
     run.result.judge()
     logger.info("scenario finished %s", json.dumps(dataclasses.asdict(run.result)))
     return run.result
+
+
+@contextlib.contextmanager
+def scenario_broker(settings: Settings) -> Iterator[ManagedBroker]:
+    """Start a broker of the scenario on free ports, with its folder in the work folder.
+
+    The work folder of an earlier run is emptied first. A broker of that run still running in
+    it is an error, because its data folder would be deleted under it.
+
+    Raises
+    ------
+    ReliabilityError
+        When the broker of an earlier run still runs in the scenario's folder.
+    """
+    home = settings.work_dir / "broker"
+    broker_port, controller_port = _free_ports(2)
+    broker_settings = dataclasses.replace(
+        settings, bootstrap_servers="", broker_port=broker_port, controller_port=controller_port
+    )
+    broker = ManagedBroker(broker_settings, home=home)
+    earlier = broker.status()
+    if earlier.running:
+        raise ReliabilityError(
+            f"a broker of an earlier run still runs in {home} (pid {earlier.pid}); stop it "
+            f"with `kill {earlier.pid}` and run the scenario again"
+        )
+    reset_work_dir(settings.work_dir)
+    broker.start(timeout_s=BROKER_START_TIMEOUT_S)
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 def run_reliability(settings: Settings, config: ReliabilityConfig) -> dict[str, Any]:
@@ -860,6 +1281,10 @@ def run_reliability(settings: Settings, config: ReliabilityConfig) -> dict[str, 
     summary: dict[str, Any] = {"users": len(log_slice.user_ids), "seed": config.seed}
     summary["scenarios"] = {}
     for name, port in zip(config.scenarios, ports, strict=True):
+        if name in MODULE_SCENARIOS:
+            outcome = run_module_scenario(settings, log_slice, name, config, port or _free_port())
+            summary["scenarios"][name] = outcome
+            continue
         result = run_scenario(
             settings,
             log_slice,
@@ -877,7 +1302,45 @@ def run_reliability(settings: Settings, config: ReliabilityConfig) -> dict[str, 
     return summary
 
 
+def run_module_scenario(
+    settings: Settings, log_slice: LogSlice, name: str, config: ReliabilityConfig, web_port: int
+) -> dict[str, Any]:
+    """Run ``bad_input_mix`` or ``trainer_killed`` and return its summary fields.
+
+    ``passed`` and ``failures`` are lifted from the scenario's details, so every scenario of
+    the summary has them at the top level.
+    """
+    # Imported here because both modules import this one.
+    from sec_online.inputfaults import run_bad_input_mix
+    from sec_online.trainerfaults import run_trainer_killed
+
+    started = time.monotonic()
+    if name == "bad_input_mix":
+        outcome = run_bad_input_mix(
+            settings, log_slice, config.prefix, config.seed, web_port, config.timeout_s
+        )
+    else:
+        outcome = run_trainer_killed(
+            settings, config.prefix, config.seed, web_port, config.timeout_s
+        )
+    details = outcome.get("details", {})
+    outcome["failures"] = list(details.get("failures", []))
+    outcome["passed"] = bool(details.get("passed", not outcome["failures"]))
+    outcome["wall_seconds"] = time.monotonic() - started
+    return outcome
+
+
 def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports that are free on 127.0.0.1 at the time of the call."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()

@@ -12,6 +12,7 @@ partition of each topic.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import time
 from collections import deque
@@ -36,7 +37,16 @@ logger = logging.getLogger(__name__)
 # Sends whose outcome is not yet checked. Beyond this the replay waits for the oldest one, which
 # bounds memory and stops early on a broker that accepts nothing.
 MAX_PENDING_SENDS = 20_000
-FLUSH_TIMEOUT_S = 120.0
+# The producer retries a record with backoff until the broker acknowledges it or this many ms
+# passed since the send, so the replay rides out a broker outage (or restart) shorter than this.
+# Longer outages fail the replay with a ReplayError that names the first unacknowledged event.
+DELIVERY_TIMEOUT_MS = 300_000
+# While the oldest record waits for its acknowledgement longer than this, the replay logs a
+# WARNING every STALL_WARNING_S seconds with the broker's reachability.
+STALL_WARNING_S = 5.0
+# Seconds beyond DELIVERY_TIMEOUT_MS that the replay waits for the producer to fail a record
+# itself before it raises on its own.
+DELIVERY_MARGIN_S = 30.0
 CLOSE_TIMEOUT_S = 30.0
 # Rows turned into records at a time while publishing.
 CHUNK_ROWS = 20_000
@@ -284,7 +294,7 @@ def replay(
     producer = _open_producer(settings, producer_config)
     try:
         _require_topics(producer, topics, settings)
-        publisher = _Publisher(producer)
+        publisher = _Publisher(producer, settings.bootstrap)
         bar = tqdm(
             total=len(rows),
             unit="impression",
@@ -310,17 +320,23 @@ def replay(
 def producer_settings(settings: Settings) -> dict[str, Any]:
     """Default ``KafkaProducer`` options of the replay.
 
-    Every record needs all in-sync replicas (``acks="all"``). Failed sends are retried with
-    backoff, and idempotence keeps retries from writing duplicates or reordering a partition.
-    Topics are never created on the fly, because the broker default partition count would break
-    the co-partitioning of the user-keyed topics.
+    Every record needs all in-sync replicas (``acks="all"``). A failed send is retried every
+    200 ms (kafka-python 3.0 has no growing retry backoff), and reconnects to a broker that is
+    down back off from 200 ms to 5 s. There is no cap on the number of attempts, only
+    ``DELIVERY_TIMEOUT_MS``, so a broker restart does not fail the replay. Idempotence keeps
+    retries from writing duplicates or reordering a partition. Topics are never created on the
+    fly, because the broker default partition count would break the co-partitioning of the
+    user-keyed topics.
     """
     config: dict[str, Any] = {
         "bootstrap_servers": settings.bootstrap,
         "client_id": f"{settings.app_id}-replay",
         "acks": "all",
-        "retries": 10,
+        "retries": 2**31 - 1,
         "retry_backoff_ms": 200,
+        "reconnect_backoff_ms": 200,
+        "reconnect_backoff_max_ms": 5_000,
+        "delivery_timeout_ms": DELIVERY_TIMEOUT_MS,
         "linger_ms": 20,
         "batch_size": 256 * 1024,
         "max_block_ms": 30_000,
@@ -335,47 +351,110 @@ def producer_settings(settings: Settings) -> dict[str, Any]:
 
 
 class _Publisher:
-    """Sends records and checks every send's outcome, oldest first."""
+    """Sends records and checks every send's outcome, oldest first.
 
-    def __init__(self, producer: KafkaProducer) -> None:
+    A send that blocks longer than the producer's ``max_block_ms`` (full buffer while the broker
+    is down) is tried again, and a record without acknowledgement is waited for, until
+    ``DELIVERY_TIMEOUT_MS`` plus a margin. Both log a WARNING every ``STALL_WARNING_S``.
+    """
+
+    def __init__(self, producer: KafkaProducer, bootstrap: str) -> None:
         self._producer = producer
-        self._pending: deque[tuple[Any, str, str]] = deque()
+        self._bootstrap = bootstrap
+        # (future, topic, event id, monotonic time of the send)
+        self._pending: deque[tuple[Any, str, str, float]] = deque()
+        self._last_warning = 0.0
+        self._warnings = 0
         self.acknowledged = 0
 
     def send(self, topic: str, event: Impression | Return) -> None:
-        try:
-            future = self._producer.send(topic, key=encode_key(event.user_id), value=encode(event))
-        except KafkaError as exc:
-            raise self._error(topic, event.event_id, exc) from exc
-        self._pending.append((future, topic, event.event_id))
+        key, value = encode_key(event.user_id), encode(event)
+        started = time.monotonic()
+        while True:
+            try:
+                future = self._producer.send(topic, key=key, value=value)
+                break
+            except KafkaTimeoutError as exc:
+                # The record was not appended, so sending it again cannot duplicate it.
+                if time.monotonic() - started > _give_up_s():
+                    raise self._error(topic, event.event_id, exc) from exc
+                self._warn_stalled(f"sending event {event.event_id} blocked: {exc}", force=True)
+            except KafkaError as exc:
+                raise self._error(topic, event.event_id, exc) from exc
+        self._pending.append((future, topic, event.event_id, time.monotonic()))
         self._check(block=len(self._pending) > MAX_PENDING_SENDS)
+        if self._pending and time.monotonic() - self._pending[0][3] > STALL_WARNING_S:
+            self._warn_stalled("records wait for their acknowledgement")
 
     def finish(self) -> None:
-        try:
-            self._producer.flush(timeout=FLUSH_TIMEOUT_S)
-        except KafkaTimeoutError as exc:
-            raise ReplayError(
-                f"{len(self._pending)} records were not acknowledged within {FLUSH_TIMEOUT_S} s "
-                f"of the final flush ({self.acknowledged} acknowledged before)"
-            ) from exc
+        # linger_ms sends the last batches, so waiting on each outcome needs no flush().
         while self._pending:
             self._check(block=True)
 
     def _check(self, block: bool) -> None:
         while self._pending and (block or self._pending[0][0].is_done):
-            future, topic, event_id = self._pending.popleft()
-            try:
-                future.get(timeout=FLUSH_TIMEOUT_S)
-            except KafkaError as exc:
-                raise self._error(topic, event_id, exc) from exc
+            future, topic, event_id, sent = self._pending[0]
+            self._wait(future, topic, event_id, sent)
+            self._pending.popleft()
             self.acknowledged += 1
             block = False
+
+    def _wait(self, future: Any, topic: str, event_id: str, sent: float) -> None:
+        """Wait for one record's outcome, logging a WARNING while the broker does not respond."""
+        while True:
+            try:
+                future.get(timeout=STALL_WARNING_S)
+                return
+            except KafkaTimeoutError as exc:
+                # get() raises the same error for its own timeout and for an expired delivery.
+                if future.is_done or time.monotonic() - sent > _give_up_s():
+                    raise self._error(topic, event_id, exc) from exc
+                self._warn_stalled(f"event {event_id} to topic {topic} is not acknowledged")
+            except KafkaError as exc:
+                raise self._error(topic, event_id, exc) from exc
+
+    def _warn_stalled(self, problem: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_warning < STALL_WARNING_S:
+            return
+        self._last_warning = now
+        self._warnings += 1
+        oldest = now - self._pending[0][3] if self._pending else 0.0
+        state = "reachable" if _reachable(self._bootstrap) else "unreachable"
+        logger.warning(
+            "Kafka broker %s %s: %s; the producer retries the %d unacknowledged records with "
+            "backoff until %d s after each send (oldest sent %.0f s ago, warning %d)",
+            self._bootstrap,
+            state,
+            problem,
+            len(self._pending),
+            DELIVERY_TIMEOUT_MS // 1000,
+            oldest,
+            self._warnings,
+        )
 
     def _error(self, topic: str, event_id: str, exc: Exception) -> ReplayError:
         return ReplayError(
             f"sending event {event_id} to topic {topic} failed after {self.acknowledged} "
-            f"acknowledged records: {exc!r}"
+            f"acknowledged records: {exc!r}. The producer retries for {DELIVERY_TIMEOUT_MS} ms; "
+            "check that the broker runs and accepts writes"
         )
+
+
+def _give_up_s() -> float:
+    return DELIVERY_TIMEOUT_MS / 1000 + DELIVERY_MARGIN_S
+
+
+def _reachable(bootstrap: str) -> bool:
+    """Check whether any of the bootstrap servers accepts a TCP connection within a second."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _publish_all(

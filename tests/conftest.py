@@ -7,11 +7,14 @@ cluster instead of starting a broker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
 import socket
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -51,17 +54,23 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_for_broker(external, timeout_s=30.0)
         yield external
         return
-    ports = [TEST_BROKER_PORT, TEST_CONTROLLER_PORT]
-    if not _ports_free(ports):
-        # Another test session on this machine uses them. Sessions must not share a broker.
-        ports = _pick_free_ports(2)
-        logger.warning("ports 19092/19093 are taken, the test broker uses %s", ports)
-    settings = dataclasses.replace(
-        Settings.from_env(), bootstrap_servers="", broker_port=ports[0], controller_port=ports[1]
-    )
-    broker = ManagedBroker(settings, home=tmp_path_factory.mktemp("kafka-broker"))
+    home = tmp_path_factory.mktemp("kafka-broker")
     try:
-        status = broker.start(timeout_s=BROKER_START_TIMEOUT_S)
+        # Sessions started at the same moment would otherwise both find 19092 free.
+        with _machine_lock():
+            ports = [TEST_BROKER_PORT, TEST_CONTROLLER_PORT]
+            if not _ports_free(ports):
+                # Another test session on this machine uses them. Sessions must not share one.
+                ports = _pick_free_ports(2)
+                logger.warning("ports 19092/19093 are taken, the test broker uses %s", ports)
+            settings = dataclasses.replace(
+                Settings.from_env(),
+                bootstrap_servers="",
+                broker_port=ports[0],
+                controller_port=ports[1],
+            )
+            broker = ManagedBroker(settings, home=home)
+            status = broker.start(timeout_s=BROKER_START_TIMEOUT_S)
     except BrokerError as exc:
         pytest.fail(
             f"the test Kafka broker did not start: {exc}\n"
@@ -101,6 +110,18 @@ def _pick_free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
+
+
+@contextlib.contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Hold a lock shared by every test session on this machine while a broker starts."""
+    path = Path(tempfile.gettempdir()) / "sec-online-test-broker.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _ports_free(ports: list[int]) -> bool:

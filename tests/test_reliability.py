@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,13 @@ from sec_online.reliability import (
     build_slice,
     compare_state,
     expected_garbage_reasons,
+    pause_start,
+    rebalance_lines,
     run_scenario,
     score_states,
 )
 from sec_online.settings import Settings
+from sec_online.workerproc import WorkerProcess
 
 USERS = 30
 # Faust reads this variable from the environment. A killed worker's group membership then
@@ -74,6 +78,7 @@ def _assert_exact(result: ScenarioResult, log_slice: LogSlice) -> None:
         e["impressions"] + e["returns"] for e in log_slice.expected.values()
     )
     assert result.checks["served_states_differing_from_changelog"] == []
+    assert result.checks["records_in_source_topics"] == result.published
     assert result.failures == []
     assert result.passed
 
@@ -122,6 +127,77 @@ def test_rocksdb_deleted(run, log_slice):
     assert result.checks["last_record_users_wrong"] == []
     assert result.checks["users_in_table"] == USERS
     assert result.dead_lettered == 0
+
+
+@pytest.mark.slow
+def test_rebalance_join_and_leave(run, log_slice):
+    result = run("rebalance")
+    _assert_exact(result, log_slice)
+    assert result.published == len(log_slice.events)
+    assert result.dead_lettered == 0
+    assert result.checks["exit_codes"] == [0]
+    owned = result.checks["partitions_owned"]
+    assert owned["first"] == [0, 1, 2]
+    assert owned["second"] == [0, 1, 2]
+    assert result.checks["workers_without_partitions"] == []
+    assert [restart["after"].split()[0] for restart in result.restarts] == ["second", "first"]
+    times = [restart["recovery_seconds"] for restart in result.restarts]
+    assert all(seconds > 0 for seconds in times)
+    assert result.recovery_seconds == max(times)
+
+
+@pytest.mark.slow
+def test_broker_restart(run, log_slice):
+    result = run("broker_restart")
+    _assert_exact(result, log_slice)
+    assert result.published == len(log_slice.events)
+    assert result.dead_lettered == 0
+    assert len(result.restarts) == 1
+    assert result.recovery_seconds is not None
+    warnings = result.checks["replay_warnings"]
+    assert any("unreachable" in warning for warning in warnings), warnings
+
+
+def test_rebalance_lines_parsed(tmp_path):
+    log = tmp_path / "worker.log"
+    log.write_text(
+        "2026-12-04 17:20:29,131 INFO sec_online.runtime: starting worker\n"
+        "[2026-12-04 17:20:30,100] [7] [INFO] rebalance started topic=p.impressions "
+        "revoked_partitions=[]\n"
+        "2026-12-04 17:20:30,247 INFO streams.app: rebalance complete topic=p.returns "
+        "partitions=[0, 1] [worker=w@127.0.0.1:1]\n"
+        "2026-12-04 17:20:30,250 INFO streams.app: rebalance complete topic=p.impressions "
+        "partitions=[0, 2] [worker=w@127.0.0.1:1]\n"
+        '{"time": "2026-12-04T17:20:31.000Z", "level": "INFO", "component": "streams.app", '
+        '"message": "rebalance complete topic=p.impressions partitions=[1]"}\n'
+        "{not json\n"
+    )
+    lines = rebalance_lines(log, "p.impressions")
+    assert [line.kind for line in lines] == ["started", "complete", "complete"]
+    assert [line.partitions for line in lines] == [(), (0, 2), (1,)]
+    assert lines[1].time_s - lines[0].time_s == pytest.approx(0.15, abs=1e-6)
+    utc = datetime(2026, 12, 4, 17, 20, 31, tzinfo=UTC).timestamp()
+    assert lines[2].time_s == utc
+    assert rebalance_lines(tmp_path / "missing.log", "p.impressions") == []
+
+
+def test_pause_starts_at_revocation(tmp_path):
+    joining, owning = tmp_path / "joining.log", tmp_path / "owning.log"
+    joining.write_text(
+        "2026-12-04 17:20:30,000 INFO streams.app: rebalance started topic=p.impressions "
+        "revoked_partitions=[]\n"
+    )
+    owning.write_text(
+        "2026-12-04 17:20:29,000 INFO streams.app: rebalance started topic=p.impressions "
+        "revoked_partitions=[1]\n"
+        "2026-12-04 17:20:32,500 INFO streams.app: rebalance started topic=p.impressions "
+        "revoked_partitions=[0, 1, 2]\n"
+    )
+    settings = Settings.from_env()
+    workers = [WorkerProcess(settings, joining), WorkerProcess(settings, owning)]
+    since = rebalance_lines(joining, "p.impressions")[0].time_s
+    assert pause_start(workers, "p.impressions", since) == since + 2.5
+    assert pause_start(workers[:1], "p.impressions", since) == since
 
 
 def _reference_like(state: dict) -> dict:
