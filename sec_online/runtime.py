@@ -107,6 +107,9 @@ def run_worker(settings: Settings, web_port: int | None = None) -> int:
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     # The models are small: one thread per matrix product avoids contention with the event loop.
     torch.set_num_threads(1)
+    # Torch imports its compiler stack the first time an optimizer is built, which took 3 to
+    # 9 s here. Doing it now keeps that pause out of the event loop when the trainer starts.
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     worker = build_worker(settings)
     logger.info(
         "starting worker app_id=%s bootstrap=%s web=http://127.0.0.1:%d partitions=%d",

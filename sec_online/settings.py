@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import tomllib
 import types
 import typing
@@ -103,6 +104,11 @@ class Settings:
     web_host: str = setting(
         "127.0.0.1",
         help="bind address of the worker's HTTP server; containers use 0.0.0.0 to publish it",
+    )
+    web_advertised_host: str = setting(
+        "",
+        help="host name that other workers use to forward page requests to this one; empty: "
+        "web_host, or this machine's host name when web_host is 0.0.0.0",
     )
     levels: int = setting(3, help="number K of retention levels, one expert head each")
     clusters: int = setting(
@@ -225,6 +231,15 @@ class Settings:
     def bootstrap(self) -> str:
         """Bootstrap servers that clients connect to."""
         return self.bootstrap_servers or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def advertised_host(self) -> str:
+        """Host name in this worker's URL as other workers see it (``web_advertised_host``)."""
+        if self.web_advertised_host:
+            return self.web_advertised_host
+        if self.web_host in ("0.0.0.0", "::", ""):
+            return socket.gethostname()
+        return self.web_host
 
     def topic(self, name: str) -> str:
         """Full topic name with the configured prefix."""

@@ -29,6 +29,7 @@ from sec_online.schemas import (
 )
 from sec_online.settings import Settings
 from sec_online.userstate import APPLIED, StateConflict, UserStateMachine
+from streams.broker_watch import BrokerWatch, install_repeat_filter
 from streams.metrics import WorkerMetrics, count_levels
 from streams.policy_follower import PolicyFollower
 from streams.training import TrainerService
@@ -73,7 +74,9 @@ def build_worker(settings: Settings) -> Worker:
         store="rocksdb://",
         datadir=str(datadir),
         web_port=settings.web_port,
-        web_host="127.0.0.1",
+        # Faust forwards a page request for a user to the worker that owns the user's
+        # partition, at the URL built from this host name and the port.
+        web_host=settings.advertised_host,
         web_bind=settings.web_host,
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
@@ -82,6 +85,10 @@ def build_worker(settings: Settings) -> Worker:
         broker_commit_interval=1.0,
         table_key_index_size=10_000,
         producer_acks=-1,
+        # Every applied event writes a changelog record and often a sample. Waiting 5 ms lets
+        # the producer send them in batches instead of one request per record.
+        producer_linger=0.005,
+        producer_max_batch_size=256 * 1024,
         # Dead letters carry the original record in base64, a third larger than the original.
         producer_max_request_size=DEAD_LETTER_MAX_BYTES,
     )
@@ -215,6 +222,8 @@ async def _handle_impression(worker: Worker, event: Any) -> None:
 
 
 async def _handle_return(worker: Worker, event: Any) -> None:
+    # A return's level depends on the boundaries: use the newest ones published before start.
+    await worker.policy.wait_caught_up()
     boundaries, version = worker.policy.boundaries()
     try:
         record = decode_return(event.message.value)
@@ -249,6 +258,8 @@ def _level(state: dict | None) -> int | None:
 
 def _store(worker: Worker, key: bytes, new_user: bool, old_level: int | None, state: dict) -> None:
     worker.users[key] = state
+    # The dashboard shows which expert the selector picks for these recently active users.
+    worker.metrics.touch_user(key)
     if new_user:
         worker.metrics.add_user(state["level"])
     else:
@@ -266,18 +277,49 @@ def _count(metrics: WorkerMetrics, kind: str, status: str, event_ms: int) -> Non
 def _register_tasks(worker: Worker) -> None:
     app = worker.app
 
+    @app.on_partitions_revoked.connect
+    async def log_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+        # Faust has paused consumption for the rebalance, and "rebalance complete" marks its end.
+        for topic, partitions in _source_partitions(worker, revoked).items():
+            logger.info("rebalance started topic=%s revoked_partitions=%s", topic, partitions)
+
     @app.on_rebalance_complete.connect
     async def recount_levels(sender: Any, **kwargs: Any) -> None:
         # Partitions came or went: count the users this worker now owns from its table.
         worker.metrics.reset_levels(count_levels(worker.users.items()))
+        # Which worker owns which partitions is visible only in the logs: /stats/ counts events.
+        assigned = _source_partitions(worker, app.consumer.assignment())
+        for topic, partitions in assigned.items():
+            logger.info("rebalance complete topic=%s partitions=%s", topic, partitions)
 
     @app.task
     async def train() -> None:
-        await worker.trainer.run()
+        try:
+            await worker.trainer.run()
+        finally:
+            # Shutdown cancels this task, so the checkpoint store's RocksDB is closed here. An open
+            # RocksDB's timer thread runs on while exit() destroys RocksDB's static objects, and
+            # that crashed workers with SIGSEGV (rocksdict 0.3.29).
+            worker.trainer.drop_trainer()
+
+    # While the broker is down, one WARNING every few seconds replaces the Kafka clients' error
+    # flood (see streams.broker_watch).
+    install_repeat_filter()
+    broker_watch = BrokerWatch(worker.settings.bootstrap)
+
+    @app.task
+    async def watch_broker() -> None:
+        await broker_watch.run()
 
     @app.task
     async def follow_policy() -> None:
         await worker.policy.run()
+
+
+def _source_partitions(worker: Worker, partitions: Any) -> dict[str, list[int]]:
+    """Sorted partition numbers of the impressions and returns topics among ``partitions``."""
+    names = [worker.settings.topic(topics.IMPRESSIONS), worker.settings.topic(topics.RETURNS)]
+    return {name: sorted(tp.partition for tp in partitions if tp.topic == name) for name in names}
 
 
 def _register_pages(worker: Worker) -> None:

@@ -4,13 +4,20 @@
 - ``/stats/``: counters of this worker; ``?exact=1`` adds users per level counted from the table.
 - ``/users/{user_id}/``: the user's state, from the worker that owns the user's partition.
 - ``/recommend/{user_id}/``: selected level, the expert's top clusters and the policy version.
+- ``/metrics``: the same counters in the Prometheus text format, plus the serving latency.
+- ``/dashboard/``: a live page over ``/dashboard/data/`` (see ``streams.dashboard``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from typing import TYPE_CHECKING, Any
+
+from sec_online import topics
+from streams.dashboard import register_dashboard
+from streams.metrics import PrometheusMetrics, consumer_lag
 
 if TYPE_CHECKING:
     from streams.app import Worker
@@ -19,6 +26,7 @@ if TYPE_CHECKING:
 def register_pages(worker: Worker) -> None:
     """Add the worker's pages to its Faust app."""
     app = worker.app
+    prometheus = PrometheusMetrics(lambda: stats_snapshot(worker), worker.settings.topic)
 
     @app.page("/health/")
     async def health(web: Any, request: Any) -> Any:
@@ -26,7 +34,12 @@ def register_pages(worker: Worker) -> None:
 
     @app.page("/stats/")
     async def stats(web: Any, request: Any) -> Any:
-        return web.json(_stats(worker, exact=request.query.get("exact") == "1"))
+        return web.json(stats_snapshot(worker, exact=request.query.get("exact") == "1"))
+
+    @app.page("/metrics")
+    async def metrics(web: Any, request: Any) -> Any:
+        body, content_type = prometheus.exposition(request.headers.get("Accept"))
+        return web.bytes(body, headers={"Content-Type": content_type})
 
     @app.page("/users/{user_id}/")
     @app.table_route(table=worker.users, match_info="user_id")
@@ -45,8 +58,14 @@ def register_pages(worker: Worker) -> None:
         top = request.query.get("top", "5")
         if not top.isdigit() or int(top) < 1:
             return web.json({"error": f"invalid top={top!r}: expected an integer >= 1"}, status=400)
+        started = time.perf_counter()
         body, status = recommend_for(worker, user_id, int(top))
+        if status == 200:
+            worker.metrics.record_recommendation(body["level"])
+            prometheus.recommend_latency.observe(time.perf_counter() - started)
         return web.json(body, status=status)
+
+    register_dashboard(worker, lambda: stats_snapshot(worker))
 
 
 def invalid_user_id(user_id: str) -> str | None:
@@ -80,18 +99,27 @@ def recommend_for(worker: Worker, user_id: str, top_k: int) -> tuple[dict[str, A
     return body, 200
 
 
-def _stats(worker: Worker, *, exact: bool) -> dict[str, Any]:
+def stats_snapshot(worker: Worker, *, exact: bool = False) -> dict[str, Any]:
+    """Body of ``/stats/``, which ``/metrics`` and the dashboard also read.
+
+    ``exact`` adds ``table``: users per level and session counts from a scan of the whole table,
+    which takes time in proportion to the number of users.
+    """
     body = worker.metrics.as_dict()
     body["trainer"] = worker.trainer.as_dict()
+    body["trainer"]["samples_per_second"] = body.pop("samples_trained_per_second")
     update = worker.policy.update
     body["policy"] = {
         "version": update.version if update else 0,
         "samples_seen": update.samples_seen if update else 0,
         "created_ms": update.created_ms if update else None,
+        "age_seconds": time.time() - update.created_ms / 1000 if update else None,
         "boundaries": worker.policy.boundaries()[0],
         "selector": update.selector if update else None,
         "invalid_updates": worker.policy.invalid_updates,
+        "invalid_update_reasons": dict(worker.policy.invalid_update_reasons),
     }
+    body["consumer_lag"] = consumer_lag(worker.app, topics.user_keyed(worker.settings))
     if exact:
         body["table"] = _scan_users(worker)
     return body

@@ -142,6 +142,8 @@ class TrainerService:
         # Inline on purpose: a batch costs milliseconds, while a thread would wait for the GIL
         # after every torch call because the agents keep the event loop busy.
         losses = trainer.learn_many(samples)
+        # Feeds the samples-per-second figure of /stats/ and /metrics.
+        self.metrics.record_trained(len(samples))
         self.last_event_ms = max(self.last_event_ms, max(s.time_ms for s in samples))
         if losses:
             self.metrics.record_loss(self.last_event_ms, trainer.steps, losses[-1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,10 @@ def test_config_command_bad_file(tmp_path, capsys):
     config = write(tmp_path / "s.toml", "clusters = 1\n")
     assert main(["--config", str(config), "config"]) == 2
     assert "SEC_CLUSTERS must be at least 2" in capsys.readouterr().err
+
+
+def test_advertised_host_choices():
+    assert Settings(web_host="127.0.0.1").advertised_host == "127.0.0.1"
+    assert Settings(web_host="0.0.0.0").advertised_host == socket.gethostname()
+    named = Settings(web_host="0.0.0.0", web_advertised_host="worker-2")
+    assert named.advertised_host == "worker-2"
