@@ -15,9 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # The managed Kafka broker needs Java 17 and Maven (to fetch the Kafka jars from Maven Central).
+# The dashboard test runs Debian's headless Chromium from /usr/bin/chromium.
 tools:
 	@command -v java >/dev/null && command -v mvn >/dev/null || \
 		{ apt-get update && apt-get install -y --no-install-recommends openjdk-17-jre-headless maven; }
+	@test -x /usr/bin/chromium || \
+		{ apt-get update && apt-get install -y --no-install-recommends chromium; }
 
 demo: $(STAMP) tools
 	$(BIN)/sec-online demo
@@ -31,9 +34,15 @@ eval: $(STAMP) tools
 reliability: $(STAMP) tools
 	$(BIN)/sec-online reliability
 
+# Throughput, freshness, serving latency and state size on the managed broker; writes
+# reports/bench/bench.json and bench.md. PY_SPY=/path/to/py-spy adds a profile of the worker.
+.PHONY: bench
+bench: $(STAMP) tools
+	$(BIN)/python -m benchmarks.run $(if $(PY_SPY),--py-spy $(PY_SPY))
+
 lint: $(STAMP)
-	$(BIN)/ruff check sec_online streams state tests
-	$(BIN)/ruff format --check sec_online streams state tests
+	$(BIN)/ruff check sec_online streams state tests benchmarks
+	$(BIN)/ruff format --check sec_online streams state tests benchmarks
 
 test: $(STAMP) tools lint
 	$(BIN)/pytest
