@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from sec_online import topics
-from sec_online.kafka_admin import TopicSpec, ensure_topics, wait_for_broker
+from sec_online.kafka_admin import KafkaAdminError, TopicSpec, ensure_topics, wait_for_broker
 from sec_online.logs import logging_config, setup_logging
 from sec_online.settings import Settings
 
@@ -111,6 +111,14 @@ def run_worker(settings: Settings, web_port: int | None = None) -> int:
     # 9 s here. Doing it now keeps that pause out of the event loop when the trainer starts.
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
     worker = build_worker(settings)
+    # A return's level depends on the boundaries, so the first returns after a restart must see
+    # the newest published ones, not the initial split.
+    try:
+        version = worker.policy.preload()
+    except KafkaAdminError as exc:
+        logger.warning("policy preload failed, the follower reads the topic later: %s", exc)
+    else:
+        logger.info("policy preloaded version=%d", version)
     logger.info(
         "starting worker app_id=%s bootstrap=%s web=http://127.0.0.1:%d partitions=%d",
         settings.app_id,

@@ -222,8 +222,6 @@ async def _handle_impression(worker: Worker, event: Any) -> None:
 
 
 async def _handle_return(worker: Worker, event: Any) -> None:
-    # A return's level depends on the boundaries: use the newest ones published before start.
-    await worker.policy.wait_caught_up()
     boundaries, version = worker.policy.boundaries()
     try:
         record = decode_return(event.message.value)

@@ -6,20 +6,21 @@ do not load is logged with its reason, counted in ``invalid_updates`` and skippe
 keeps the previous version until the next valid one. An update whose version is not newer than
 the served one is skipped too, so the served version never goes backwards.
 
-A worker that starts reads the topic from the beginning. Until it reaches the end offsets seen at
-start, its boundaries may be older than the newest published ones, so the returns agent waits
-for ``caught_up`` (at most ``CATCH_UP_TIMEOUT_S``) before it rates its first return.
+Before its agents start, a worker loads the newest valid update among the last
+``PRELOAD_RECORDS`` of the topic (``preload``), so its first returns are rated with the newest
+published boundaries rather than the initial split. The follower task then reads the topic from
+the beginning and skips the versions it already has.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from sec_online import topics
+from sec_online.kafka_admin import offset_ranges, read_range
 from sec_online.levels import even_boundaries
 from sec_online.policy import InvalidPolicyUpdate, Policy, PolicyUpdate, decode_update
 from sec_online.settings import Settings
@@ -27,9 +28,9 @@ from streams.retry import run_forever
 
 logger = logging.getLogger(__name__)
 
-# Seconds the returns agent waits for the follower to read the updates published before the
-# worker started. After that it rates returns with the boundaries it has and logs a warning.
-CATCH_UP_TIMEOUT_S = 60.0
+# Records read back from the end of the topic at start; invalid updates are rare, so the newest
+# valid one is almost always among them.
+PRELOAD_RECORDS = 20
 
 
 class PolicyFollower:
@@ -41,9 +42,6 @@ class PolicyFollower:
         self.policy: Policy | None = None
         self.invalid_updates = 0
         self.invalid_update_reasons: Counter[str] = Counter()
-        # Set once every update published before this worker started has been read.
-        self.caught_up = asyncio.Event()
-        self._gave_up_waiting = False
 
     def boundaries(self) -> tuple[list[float], int]:
         """Level boundaries in force and the policy version they come from (0: initial split)."""
@@ -91,21 +89,23 @@ class PolicyFollower:
             message,
         )
 
-    async def wait_caught_up(self, timeout_s: float = CATCH_UP_TIMEOUT_S) -> None:
-        """Wait until the updates published before start are read, or ``timeout_s`` passed."""
-        if self.caught_up.is_set() or self._gave_up_waiting:
-            return
-        try:
-            await asyncio.wait_for(self.caught_up.wait(), timeout_s)
-        except TimeoutError:
-            self._gave_up_waiting = True
-            serving = self.update.version if self.update is not None else 0
-            logger.warning(
-                "policy-updates not read to the end within %.0f s; rating returns with "
-                "version=%d until newer updates arrive",
-                timeout_s,
-                serving,
-            )
+    def preload(self, timeout_s: float = 30.0) -> int:
+        """Load the newest valid update among the topic's last records; returns its version.
+
+        Runs before the worker's event loop starts. Returns 0 when the topic has no valid update.
+        """
+        topic = self.settings.topic(topics.POLICY_UPDATES)
+        first, end = offset_ranges(self.settings.bootstrap, topic, timeout_s).get(0, [0, 0])
+        if end <= first:
+            return 0
+        start = max(first, end - PRELOAD_RECORDS)
+        records, _ = read_range(
+            self.settings.bootstrap, topic, start={0: start}, end={0: end}, timeout_s=timeout_s
+        )
+        for record in reversed(records):
+            if record.value is not None and self.accept(record.value, record.offset):
+                break
+        return self.update.version if self.update is not None else 0
 
     async def run(self) -> None:
         """Consume the topic until cancelled, reconnecting after broker errors."""
@@ -122,30 +122,10 @@ class PolicyFollower:
         )
         await consumer.start()
         try:
-            remaining = await self._assign_all(consumer, topic)
+            # One partition, so updates are read in the order they were published.
+            consumer.assign([TopicPartition(topic, 0)])
             async for message in consumer:
                 if message.value is not None:
                     self.accept(message.value, message.offset)
-                partition = TopicPartition(message.topic, message.partition)
-                if remaining.get(partition, 0) <= message.offset + 1:
-                    remaining.pop(partition, None)
-                if not remaining:
-                    self.caught_up.set()
         finally:
             await consumer.stop()
-
-    async def _assign_all(
-        self, consumer: AIOKafkaConsumer, topic: str
-    ) -> dict[TopicPartition, int]:
-        """Assign the topic's partition and return its end offset if it has records to read.
-
-        The topic has one partition (``sec_online.runtime.topic_specs``), so updates are read in
-        the order they were published. Sets ``caught_up`` at once when it is empty.
-        """
-        partition = TopicPartition(topic, 0)
-        consumer.assign([partition])
-        ends = await consumer.end_offsets([partition])
-        remaining = {tp: end for tp, end in ends.items() if end > 0}
-        if not remaining:
-            self.caught_up.set()
-        return remaining

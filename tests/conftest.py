@@ -142,3 +142,28 @@ def kuairand_dir() -> Path:
     if folder is None or not folder.is_dir():
         pytest.skip("no KuaiRand data folder: set SEC_DATA_DIR (see the README's Data section)")
     return folder
+
+
+@pytest.fixture(scope="session")
+def clustered_settings(
+    tmp_path_factory: pytest.TempPathFactory, kuairand_dir: Path
+) -> Callable[..., Settings]:
+    """Return a function that builds settings on the data folder with a new work folder.
+
+    ``build(name, **overrides)`` also computes the video clusters into that folder, which the
+    workers started with those settings read.
+    """
+
+    def build(name: str, **overrides: object) -> Settings:
+        from sec_online.clusters import build_clusters
+
+        settings = dataclasses.replace(
+            Settings.from_env(),
+            data_dir=kuairand_dir,
+            work_dir=tmp_path_factory.mktemp(name),
+            **overrides,
+        )
+        build_clusters(settings)
+        return settings
+
+    return build

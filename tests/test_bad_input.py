@@ -12,14 +12,12 @@ import json
 import socket
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sec_online import topics
-from sec_online.clusters import build_clusters
 from sec_online.inputfaults import (
     BAD_KINDS,
     Mix,
@@ -47,15 +45,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def base_settings(tmp_path_factory: pytest.TempPathFactory, kuairand_dir: Path) -> Settings:
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=kuairand_dir,
-        work_dir=tmp_path_factory.mktemp("bad-input-work"),
-        partitions=2,
-    )
-    build_clusters(settings)
-    return settings
+def base_settings(clustered_settings) -> Settings:
+    return clustered_settings("bad-input-work", partitions=2)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from sec_online.clusters import build_clusters
 from sec_online.reliability import (
     LogSlice,
     ScenarioResult,
@@ -37,16 +35,9 @@ SESSION_TIMEOUT_S = "10"
 
 
 @pytest.fixture(scope="module")
-def base_settings(tmp_path_factory: pytest.TempPathFactory, kuairand_dir: Path) -> Settings:
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=kuairand_dir,
-        work_dir=tmp_path_factory.mktemp("reliability-work"),
-        reports_dir=tmp_path_factory.mktemp("reliability-reports"),
-        partitions=3,
-    )
-    build_clusters(settings)
-    return settings
+def base_settings(clustered_settings, tmp_path_factory) -> Settings:
+    reports = tmp_path_factory.mktemp("reliability-reports")
+    return clustered_settings("reliability-work", reports_dir=reports, partitions=3)
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
-from sec_online.clusters import build_clusters
 from sec_online.policy import encode_update
 from sec_online.reliability import reset_scenario, scenario_settings, start_worker
 from sec_online.settings import Settings
@@ -28,15 +26,8 @@ TIMEOUT_S = 180.0
 
 
 @pytest.fixture(scope="module")
-def base_settings(tmp_path_factory: pytest.TempPathFactory, kuairand_dir: Path) -> Settings:
-    settings = dataclasses.replace(
-        Settings.from_env(),
-        data_dir=kuairand_dir,
-        work_dir=tmp_path_factory.mktemp("trainer-faults-work"),
-        partitions=1,
-    )
-    build_clusters(settings)
-    return settings
+def base_settings(clustered_settings) -> Settings:
+    return clustered_settings("trainer-faults-work", partitions=1)
 
 
 def test_checkpoint_writer_killed(tmp_path):
