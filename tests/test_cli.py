@@ -53,3 +53,16 @@ def test_broker_rejects_external_cluster(capsys, monkeypatch):
     monkeypatch.setenv("SEC_BOOTSTRAP_SERVERS", "127.0.0.1:1")
     assert main(["broker", "status"]) == 2
     assert "external" in capsys.readouterr().err
+
+
+def test_missing_data_folder_named(capsys, monkeypatch, tmp_path):
+    missing = tmp_path / "absent"
+    monkeypatch.setenv("SEC_DATA_DIR", str(missing))
+    assert main(["replay"]) == 2
+    assert f"data folder not found: SEC_DATA_DIR={missing}" in capsys.readouterr().err
+
+
+def test_unknown_log_format_rejected(capsys, monkeypatch):
+    monkeypatch.setenv("SEC_LOG_FORMAT", "xml")
+    assert main(["config"]) == 2
+    assert "SEC_LOG_FORMAT must be text or json" in capsys.readouterr().err
