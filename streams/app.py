@@ -85,10 +85,6 @@ def build_worker(settings: Settings) -> Worker:
         broker_commit_interval=1.0,
         table_key_index_size=10_000,
         producer_acks=-1,
-        # Every applied event writes a changelog record and often a sample. Waiting 5 ms lets
-        # the producer send them in batches instead of one request per record.
-        producer_linger=0.005,
-        producer_max_batch_size=256 * 1024,
         # Dead letters carry the original record in base64, a third larger than the original.
         producer_max_request_size=DEAD_LETTER_MAX_BYTES,
     )
