@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,33 +48,28 @@ class _Observed:
     update_times_s: list[float] = field(default_factory=list)
 
 
-async def _follow_samples(settings: Settings, observed: _Observed) -> None:
+async def _follow(settings: Settings, topic: str, on_message: Callable[[Any], None]) -> None:
+    """Read the first partition of ``topic`` from its beginning and pass each record on."""
     consumer = _consumer(settings.bootstrap)
-    partition = TopicPartition(settings.topic(topics.SAMPLES), 0)
+    partition = TopicPartition(settings.topic(topic), 0)
     await consumer.start()
     try:
         consumer.assign([partition])
         await consumer.seek_to_beginning(partition)
         async for message in consumer:
-            event_id = json.loads(message.value)["event_id"]
-            observed.sample_offsets.setdefault(event_id, message.offset)
+            on_message(message)
     finally:
         await consumer.stop()
 
 
-async def _follow_updates(settings: Settings, observed: _Observed) -> None:
-    consumer = _consumer(settings.bootstrap)
-    partition = TopicPartition(settings.topic(topics.POLICY_UPDATES), 0)
-    await consumer.start()
-    try:
-        consumer.assign([partition])
-        await consumer.seek_to_beginning(partition)
-        async for message in consumer:
-            samples_seen = json.loads(message.value)["samples_seen"]
-            observed.update_samples_seen.append(samples_seen)
-            observed.update_times_s.append(message.timestamp / 1000)
-    finally:
-        await consumer.stop()
+def _record_sample(observed: _Observed, message: Any) -> None:
+    event_id = json.loads(message.value)["event_id"]
+    observed.sample_offsets.setdefault(event_id, message.offset)
+
+
+def _record_update(observed: _Observed, message: Any) -> None:
+    observed.update_samples_seen.append(json.loads(message.value)["samples_seen"])
+    observed.update_times_s.append(message.timestamp / 1000)
 
 
 def _consumer(bootstrap: str) -> AIOKafkaConsumer:
@@ -102,8 +98,12 @@ async def measure_freshness(
     """
     observed = _Observed()
     followers = [
-        asyncio.create_task(_follow_samples(settings, observed)),
-        asyncio.create_task(_follow_updates(settings, observed)),
+        asyncio.create_task(
+            _follow(settings, topics.SAMPLES, functools.partial(_record_sample, observed))
+        ),
+        asyncio.create_task(
+            _follow(settings, topics.POLICY_UPDATES, functools.partial(_record_update, observed))
+        ),
     ]
     steps = []
     cursor = 0

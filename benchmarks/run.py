@@ -67,7 +67,7 @@ class Options:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Command-line options; see ``--help``."""
+    """Parse the command-line options; ``--help`` lists them."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.run", description="Benchmark sec-online on a Kafka broker."
     )
@@ -81,10 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--bootstrap-servers",
         help="external Kafka cluster host:port; default: the managed broker (SEC_BROKER_PORT)",
     )
+
     parser.add_argument("--output-dir", type=Path, help="report folder (default: reports/bench)")
     parser.add_argument(
         "--work-dir", type=Path, help="worker tables and logs (default: a temp folder)"
     )
+
     parser.add_argument(
         "--freshness-rates",
         help="ascending input rates in events/s for the freshness steps, comma-separated; "
@@ -93,6 +95,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--freshness-step-seconds", type=float, help="seconds of input per freshness step (8)"
     )
+
     parser.add_argument("--synthetic-users", type=int, help="users in the state-size population")
     parser.add_argument("--py-spy", help="py-spy executable; default: py-spy on PATH, if any")
     parser.add_argument("--profile-seconds", type=int, help="seconds of py-spy sampling (20)")

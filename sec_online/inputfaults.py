@@ -154,7 +154,7 @@ BAD_KINDS: dict[str, BadKind] = {
 
 @dataclass(frozen=True)
 class MixPlan:
-    """Where a mix puts its invalid records and copies.
+    """Placement of a mix's invalid records and copies among the valid events.
 
     ``bad`` contains ``(kind, position)`` pairs and ``copies`` contains ``(position, delay)``
     pairs. A position in ``[0, 1)`` is a share of the valid events. An invalid record follows
@@ -462,10 +462,10 @@ def run_bad_input_mix(
 ) -> dict[str, Any]:
     """Send one seeded mix of valid, invalid and repeated records through a fresh worker.
 
-    Returns ``published`` (every record sent), ``applied`` (impressions and returns in the
-    dumped states), ``lost``, ``applied_twice``, ``dead_lettered`` (dead letters of the mix),
-    ``recovery_seconds`` (always ``None``: nothing restarts) and ``details``, whose ``failures``
-    lists every broken expectation and ``passed`` is true when there is none.
+    The result has ``published`` (every record sent), ``applied`` (impressions and returns in
+    the dumped states), ``lost``, ``applied_twice`` and ``dead_lettered`` (dead letters of the
+    mix). ``recovery_seconds`` is always ``None``, because nothing restarts. ``details`` lists
+    every broken expectation in ``failures``, and ``passed`` is true when there is none.
     """
     plan = random_plan(random.Random(f"{seed}-{SCENARIO}"), MIX_BAD_RECORDS, MIX_COPIES)
     with mix_runner(settings, prefix, web_port, timeout_s) as runner:
