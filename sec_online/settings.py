@@ -100,6 +100,17 @@ class Settings:
     partitions: int = setting(
         4, help="partitions of the user-keyed topics (impressions, returns)", unit="count"
     )
+    events_per_batch: int = setting(
+        1000,
+        help="most records of one topic that a worker applies as one batch: one state read and "
+        "one changelog record per user, one wait for the batch's samples",
+        unit="records",
+    )
+    batch_wait_seconds: float = setting(
+        0.05,
+        help="longest wait for a batch to fill before the records received so far are applied",
+        unit="seconds",
+    )
     web_port: int = setting(6066, help="port of the worker's HTTP server", unit="TCP port")
     web_host: str = setting(
         "127.0.0.1",
@@ -199,6 +210,8 @@ class Settings:
             (self.clusters >= 2, "SEC_CLUSTERS must be at least 2"),
             (self.partitions >= 1, "SEC_PARTITIONS must be at least 1"),
             (self.batch_size >= 1, "SEC_BATCH_SIZE must be at least 1"),
+            (self.events_per_batch >= 1, "SEC_EVENTS_PER_BATCH must be at least 1"),
+            (self.batch_wait_seconds > 0, "SEC_BATCH_WAIT_SECONDS must be positive"),
             (0 < self.score_decay <= 1, "SEC_SCORE_DECAY must be in (0, 1]"),
             (0 < self.delta_quantile <= 1, "SEC_DELTA_QUANTILE must be in (0, 1]"),
             (self.entropy_weight >= 0, "SEC_ENTROPY_WEIGHT must not be negative"),

@@ -24,7 +24,7 @@ from sec_online.levels import LevelBoundaries
 from sec_online.losses import discrete_expert_loss
 from sec_online.model import SECModel
 from sec_online.policy import PolicyUpdate, build_update
-from sec_online.schemas import Sample
+from sec_online.schemas import MAX_INT, Sample
 from sec_online.selector import fit_selector
 from sec_online.settings import Settings
 
@@ -50,6 +50,10 @@ SKIP_FEATURES = "invalid_features"
 SKIP_SCORE = "invalid_retention_score"
 SKIP_ACTION = "invalid_action"
 SKIP_NO_WEIGHT = "no_positive_weight"
+# A sample of a session the trainer already learned, or of an earlier session of the same user:
+# a worker that died after sending samples and before storing the states that emitted them
+# sends them again.
+SKIP_REPEATED = "already_learned"
 
 
 class InvalidCheckpoint(ValueError):
@@ -136,7 +140,11 @@ class Trainer:
         Samples learned from, not counting skipped ones.
     samples_skipped
         Skipped samples by reason: ``level_out_of_range``, ``invalid_features``,
-        ``invalid_retention_score``, ``invalid_action``, ``no_positive_weight``.
+        ``invalid_retention_score``, ``invalid_action``, ``no_positive_weight``,
+        ``already_learned``.
+    last_sessions
+        Per user id, the newest session learned from. A user's sessions close in order, so a
+        sample of this session or an earlier one is a repeat.
     steps
         Adam steps taken, one per mini-batch.
     last_loss
@@ -166,6 +174,7 @@ class Trainer:
         self._generator = torch.Generator().manual_seed(settings.seed)
         self.samples_seen = 0
         self.samples_skipped: Counter[str] = Counter()
+        self.last_sessions: dict[int, int] = {}
         self.steps = 0
         self.last_loss: float | None = None
         self.loss_history: deque[float] = deque(maxlen=LOSS_HISTORY_SIZE)
@@ -248,6 +257,7 @@ class Trainer:
             "boundaries": _pickle_tensor(self.boundaries),
             "samples_seen": self.samples_seen,
             "samples_skipped": dict(self.samples_skipped),
+            "last_sessions": _int_pairs(self.last_sessions),
             "steps": self.steps,
             "last_loss": self.last_loss,
             "loss_history": list(self.loss_history),
@@ -305,6 +315,7 @@ class Trainer:
         self.boundaries = _unpickle_boundaries(state["boundaries"], self.n_levels)
         self.samples_seen = int(state["samples_seen"])
         self.samples_skipped = Counter(state["samples_skipped"])
+        self.last_sessions = _int_dict(state.get("last_sessions"))
         self.steps = int(state["steps"])
         self.last_loss = state["last_loss"]
         self.loss_history = deque(state["loss_history"], maxlen=LOSS_HISTORY_SIZE)
@@ -336,6 +347,11 @@ class Trainer:
 
     def _prepare(self, sample: Sample) -> _Example | str:
         """Turn a sample into tensors, or return the reason to skip it."""
+        user_id, session_id = sample.user_id, sample.session_id
+        if _is_int(user_id) and _is_int(session_id):
+            if session_id <= self.last_sessions.get(user_id, -1):
+                return SKIP_REPEATED
+            self.last_sessions[user_id] = session_id
         level = sample.level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.n_levels:
             return SKIP_LEVEL
@@ -415,6 +431,27 @@ def _check_compatible(config: dict[str, int], settings: Settings) -> None:
                 f"checkpoint was written with {key}={config.get(key)}, but {env}={setting}. "
                 f"Set {env}={config.get(key)} or start from an empty checkpoint folder"
             )
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that fits the int64 tensors of a checkpoint."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+
+
+def _int_pairs(values: dict[int, int]) -> torch.Tensor:
+    """A dict of 64-bit integers as a [N, 2] tensor: compact in a checkpoint."""
+    if not values:
+        return torch.zeros((0, 2), dtype=torch.int64)
+    return torch.tensor(list(values.items()), dtype=torch.int64)
+
+
+def _int_dict(pairs: Any) -> dict[int, int]:
+    # Checkpoints written before repeats were tracked have no pairs.
+    if pairs is None:
+        return {}
+    if not isinstance(pairs, torch.Tensor) or pairs.ndim != 2 or pairs.shape[1] != 2:
+        raise InvalidCheckpoint("checkpoint last_sessions is not an [N, 2] integer tensor")
+    return dict(pairs.tolist())
 
 
 def _load_checkpoint(blob: bytes) -> dict[str, Any]:

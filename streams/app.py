@@ -1,18 +1,16 @@
 """Faust application of the sec-online worker: topics, the users table, agents and web pages.
 
-Agents stay thin: they decode, call the domain code in ``sec_online`` and emit. A record that
-fails to decode or validate, or that contradicts the user's state, goes to the dead-letter topic
-with its reason and original bytes, and the agent goes on.
+Agents take records in batches and hand them to ``streams.processing``, which decodes them,
+applies them with the domain code in ``sec_online`` and emits samples. A record that fails to
+decode or validate, or that contradicts the user's state, goes to the dead-letter topic with its
+reason and original bytes, and the agent goes on.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
+import asyncio
 import logging
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
@@ -20,28 +18,20 @@ import faust
 from sec_online import topics
 from sec_online.clusters import VideoClusters, build_clusters
 from sec_online.runtime import users_table_name
-from sec_online.schemas import (
-    InvalidRecord,
-    Sample,
-    decode_impression,
-    decode_return,
-    encode,
-)
 from sec_online.settings import Settings
-from sec_online.userstate import APPLIED, StateConflict, UserStateMachine
+from sec_online.userstate import UserStateMachine
 from streams.broker_watch import BrokerWatch, install_repeat_filter
 from streams.metrics import WorkerMetrics, count_levels
 from streams.policy_follower import PolicyFollower
+from streams.processing import (
+    DEAD_LETTER_MAX_BYTES,
+    IMPRESSIONS,
+    RETURNS,
+    process_batch,
+)
 from streams.training import TrainerService
 
 logger = logging.getLogger(__name__)
-
-# Original bytes kept whole in a dead letter; a longer record keeps this prefix, its size and
-# its SHA-256. The dead-letter topic accepts records of DEAD_LETTER_MAX_BYTES.
-DEAD_LETTER_KEEP_BYTES = 1_048_576
-DEAD_LETTER_MAX_BYTES = 8 * 1_048_576
-# Record the users-per-level timeline every this many applied returns.
-TIMELINE_EVERY_RETURNS = 200
 
 
 @dataclass
@@ -60,6 +50,8 @@ class Worker:
     returns_topic: Any
     samples_topic: Any
     dead_letters_topic: Any
+    # Both agents' batches read and write the same users: one batch at a time.
+    batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def build_worker(settings: Settings) -> Worker:
@@ -136,136 +128,20 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
     )
 
 
-async def dead_letter(worker: Worker, event: Any, reason: str, message: str) -> None:
-    """Send a record that could not be applied to the dead-letter topic, and count it."""
-    meta = event.message
-    value = meta.value or b""
-    record = {
-        "reason": reason,
-        "message": message,
-        "topic": meta.topic,
-        "partition": meta.partition,
-        "offset": meta.offset,
-        "key_b64": base64.b64encode(meta.key or b"").decode(),
-        "value_b64": base64.b64encode(value[:DEAD_LETTER_KEEP_BYTES]).decode(),
-        "value_bytes": len(value),
-        "value_sha256": hashlib.sha256(value).hexdigest(),
-        "value_truncated": len(value) > DEAD_LETTER_KEEP_BYTES,
-        "dead_lettered_ms": int(time.time() * 1000),
-    }
-    worker.metrics.dead_letters[reason] += 1
-    logger.warning(
-        "dead-lettered record topic=%s partition=%s offset=%s reason=%s: %s",
-        meta.topic,
-        meta.partition,
-        meta.offset,
-        reason,
-        message,
-    )
-    await worker.dead_letters_topic.send(key=meta.key, value=json.dumps(record).encode())
-
-
-async def _emit_samples(worker: Worker, samples: list[Sample]) -> None:
-    for sample in samples:
-        await worker.samples_topic.send(key=str(sample.user_id).encode(), value=encode(sample))
-        worker.metrics.samples_emitted += 1
-
-
 def _register_event_agents(worker: Worker) -> None:
-    app, metrics = worker.app, worker.metrics
+    app, settings = worker.app, worker.settings
 
     @app.agent(worker.impressions_topic, name="impressions")
     async def impressions(stream: Any) -> None:
-        async for event in stream.events():
-            metrics.consumed["impressions"] += 1
-            await _guarded(worker, event, _handle_impression)
+        batches = stream.take_events(settings.events_per_batch, within=settings.batch_wait_seconds)
+        async for events in batches:
+            await process_batch(worker, IMPRESSIONS, events)
 
     @app.agent(worker.returns_topic, name="returns")
     async def returns(stream: Any) -> None:
-        async for event in stream.events():
-            metrics.consumed["returns"] += 1
-            await _guarded(worker, event, _handle_return)
-
-
-async def _guarded(worker: Worker, event: Any, handler: Any) -> None:
-    """Run a handler; an unexpected error dead-letters the record instead of stopping the agent."""
-    try:
-        await handler(worker, event)
-    except Exception as exc:  # noqa: BLE001 - the record is kept on the dead-letter topic
-        logger.exception(
-            "failed to process record topic=%s partition=%s offset=%s",
-            event.message.topic,
-            event.message.partition,
-            event.message.offset,
-        )
-        await dead_letter(worker, event, "processing_error", f"{type(exc).__name__}: {exc}")
-
-
-async def _handle_impression(worker: Worker, event: Any) -> None:
-    try:
-        record = decode_impression(event.message.value)
-        _check_key(event, record.user_id)
-        key = event.message.key
-        previous = worker.users.get(key)
-        old_level = _level(previous)
-        outcome = worker.machine.apply_impression(previous, record)
-    except (InvalidRecord, StateConflict) as exc:
-        await dead_letter(worker, event, exc.reason, exc.message)
-        return
-    _store(worker, key, previous is None, old_level, outcome.state)
-    _count(worker.metrics, "impressions", outcome.status, record.time_ms)
-    await _emit_samples(worker, outcome.samples)
-
-
-async def _handle_return(worker: Worker, event: Any) -> None:
-    boundaries, version = worker.policy.boundaries()
-    try:
-        record = decode_return(event.message.value)
-        _check_key(event, record.user_id)
-        key = event.message.key
-        previous = worker.users.get(key)
-        old_level = _level(previous)
-        outcome = worker.machine.apply_return(previous, record, boundaries, version)
-    except (InvalidRecord, StateConflict) as exc:
-        await dead_letter(worker, event, exc.reason, exc.message)
-        return
-    _store(worker, key, previous is None, old_level, outcome.state)
-    _count(worker.metrics, "returns", outcome.status, record.time_ms)
-    applied = worker.metrics.applied["returns"]
-    if outcome.status == APPLIED and applied % TIMELINE_EVERY_RETURNS == 0:
-        worker.metrics.record_levels(record.time_ms)
-    await _emit_samples(worker, outcome.samples)
-
-
-def _check_key(event: Any, user_id: int) -> None:
-    expected = str(user_id).encode()
-    if event.message.key != expected:
-        raise InvalidRecord(
-            "wrong_key", f"record key {event.message.key!r} does not match user_id {user_id}"
-        )
-
-
-def _level(state: dict | None) -> int | None:
-    # The state machine updates the stored dict in place, so read the level before applying.
-    return None if state is None else state["level"]
-
-
-def _store(worker: Worker, key: bytes, new_user: bool, old_level: int | None, state: dict) -> None:
-    worker.users[key] = state
-    # The dashboard shows which expert the selector picks for these recently active users.
-    worker.metrics.touch_user(key)
-    if new_user:
-        worker.metrics.add_user(state["level"])
-    else:
-        worker.metrics.move_user(old_level, state["level"])
-
-
-def _count(metrics: WorkerMetrics, kind: str, status: str, event_ms: int) -> None:
-    if status == APPLIED:
-        metrics.applied[kind] += 1
-    else:
-        metrics.duplicates[kind] += 1
-    metrics.last_event_ms = max(metrics.last_event_ms, event_ms)
+        batches = stream.take_events(settings.events_per_batch, within=settings.batch_wait_seconds)
+        async for events in batches:
+            await process_batch(worker, RETURNS, events)
 
 
 def _register_tasks(worker: Worker) -> None:

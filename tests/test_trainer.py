@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import math
 import pickle
@@ -66,10 +67,16 @@ def probe_features(sign: float) -> torch.Tensor:
     return torch.tensor([[sign * 1.5] + [0.0] * (N_FEATURES - 1)])
 
 
+def later_sessions(samples: list[Sample], epoch: int) -> list[Sample]:
+    """The same samples as sessions after all earlier ones: a trainer skips repeated sessions."""
+    shift = epoch * (max(sample.session_id for sample in samples) + 1)
+    return [dataclasses.replace(sample, session_id=sample.session_id + shift) for sample in samples]
+
+
 def train(settings: Settings, samples: list[Sample], epochs: int) -> Trainer:
     trainer = Trainer(N_FEATURES, N_ACTIONS, settings)
-    for _ in range(epochs):
-        trainer.learn_many(samples)
+    for epoch in range(epochs):
+        trainer.learn_many(later_sessions(samples, epoch))
     return trainer
 
 
@@ -167,6 +174,47 @@ def test_invalid_samples_skipped_and_counted():
     }
     assert trainer.boundaries.count == 1
     assert [len(reservoir) for reservoir in trainer.reservoirs] == [0, 1, 0]
+
+
+def test_repeated_sessions_skipped():
+    samples = stratified_samples(64, seed=3)
+    trainer = Trainer(N_FEATURES, N_ACTIONS, make_settings())
+    trainer.learn_many(samples)
+    steps, seen = trainer.steps, trainer.samples_seen
+
+    # A worker that died between sending samples and storing states sends them again.
+    assert trainer.learn_many(samples[10:40]) == []
+    assert (trainer.steps, trainer.samples_seen) == (steps, seen)
+    assert trainer.samples_skipped == {"already_learned": 30}
+
+    earlier = dataclasses.replace(samples[5], session_id=samples[5].session_id - 1)
+    later = dataclasses.replace(samples[5], session_id=samples[5].session_id + 1)
+    assert len(trainer.learn_many([earlier, later])) == 1
+    assert trainer.samples_seen == seen + 1
+    assert trainer.samples_skipped == {"already_learned": 31}
+    assert trainer.last_sessions[samples[5].user_id] == later.session_id
+
+
+def test_restore_keeps_learned_sessions():
+    samples = stratified_samples(40, seed=4)
+    trainer = Trainer(N_FEATURES, N_ACTIONS, make_settings())
+    trainer.learn_many(samples)
+    restored = Trainer.restore(trainer.checkpoint(), make_settings())
+    assert restored.last_sessions == trainer.last_sessions
+    assert restored.learn_many(samples) == []
+    assert restored.samples_skipped == {"already_learned": 40}
+
+
+def test_restore_reads_checkpoint_without_learned_sessions():
+    trainer = Trainer(N_FEATURES, N_ACTIONS, make_settings())
+    trainer.learn_many(stratified_samples(40, seed=5))
+    state = torch.load(io.BytesIO(trainer.checkpoint()), weights_only=True)
+    del state["last_sessions"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    restored = Trainer.restore(buffer.getvalue(), make_settings())
+    assert restored.last_sessions == {}
+    assert restored.samples_seen == 40
 
 
 def test_only_invalid_samples_takes_no_step():
