@@ -17,9 +17,17 @@ USERS_TABLE = "users"
 logger = logging.getLogger(__name__)
 
 # Events and samples are kept forever, so replaying the topics re-runs a past experiment exactly;
-# dead letters and policy updates are kept for a week.
+# dead letters and policy updates are kept for a week at most.
 KEEP_FOREVER = {"retention.ms": "-1"}
 WEEK_MS = str(7 * 24 * 3600 * 1000)
+# A trainer publishes about once a second while samples arrive, some 100 kB each, so a week of
+# updates could reach tens of GB: the topic also keeps at most 1 GiB, in segments of 64 MiB.
+POLICY_UPDATES_CONFIG = {
+    "retention.ms": WEEK_MS,
+    "retention.bytes": str(1024**3),
+    "segment.bytes": str(64 * 1024**2),
+    "max.message.bytes": str(8 * 1024 * 1024),
+}
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
@@ -29,13 +37,7 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         for name in topics.user_keyed(settings)
     ]
     specs.append(TopicSpec(settings.topic(topics.SAMPLES), 1, dict(KEEP_FOREVER)))
-    specs.append(
-        TopicSpec(
-            settings.topic(topics.POLICY_UPDATES),
-            1,
-            {"retention.ms": WEEK_MS, "max.message.bytes": str(8 * 1024 * 1024)},
-        )
-    )
+    specs.append(TopicSpec(settings.topic(topics.POLICY_UPDATES), 1, dict(POLICY_UPDATES_CONFIG)))
     # Faust would create the users table's changelog itself, but a worker can then take its
     # first partition assignment before the new topic is in its metadata. It then finds 0 changelog
     # partitions and every table write fails until the next rebalance.

@@ -160,25 +160,21 @@ def encode_key(user_id: int) -> bytes:
 
 def decode_impression(raw: bytes) -> Impression:
     """Decode and validate an ``impressions`` record."""
-    record = _decode_typed(raw, IMPRESSION_SCHEMA)
+    record = _decode_exactly(raw, IMPRESSION_SCHEMA)
     assert isinstance(record, Impression)
     return record
 
 
 def decode_return(raw: bytes) -> Return:
     """Decode and validate a ``returns`` record."""
-    record = _decode_typed(raw, RETURN_SCHEMA)
+    record = _decode_exactly(raw, RETURN_SCHEMA)
     assert isinstance(record, Return)
     return record
 
 
 def decode_event(raw: bytes) -> Impression | Return:
     """Decode an impression or a return, whichever the ``schema`` field names."""
-    payload = _load_object(raw)
-    schema = payload.get("schema")
-    if schema not in _TYPES:
-        raise InvalidRecord("unknown_schema", f"schema {schema!r} is not one of {sorted(_TYPES)}")
-    return _build(payload, schema)
+    return _decode_exactly(raw, None)
 
 
 def decode_sample(raw: bytes) -> Sample:
@@ -192,13 +188,29 @@ def decode_sample(raw: bytes) -> Sample:
         raise InvalidRecord("missing_field", str(exc)) from exc
 
 
-def _decode_typed(raw: bytes, schema: str) -> Impression | Return:
-    payload = _load_object(raw)
-    if payload.get("schema") != schema:
-        raise InvalidRecord(
-            "unknown_schema", f"schema {payload.get('schema')!r}, expected {schema!r}"
-        )
-    return _build(payload, schema)
+def _decode_exactly(raw: bytes, schema: str | None) -> Impression | Return:
+    """Decode with orjson, and again with the standard decoder when a field has a wrong type.
+
+    orjson reads an integer beyond 64 bits as a float. The standard decoder keeps it exact, so
+    such a record is rejected as ``out_of_range``, as other too large integers are.
+    """
+    try:
+        return _build_record(_load_object(raw), schema)
+    except InvalidRecord as exc:
+        if exc.reason != "wrong_type":
+            raise
+    return _build_record(_load_slowly(raw), schema)
+
+
+def _build_record(payload: Any, schema: str | None) -> Impression | Return:
+    if not isinstance(payload, dict):
+        raise InvalidRecord("not_object", f"expected a JSON object, got {type(payload).__name__}")
+    found = payload.get("schema")
+    if schema is None and found not in _TYPES:
+        raise InvalidRecord("unknown_schema", f"schema {found!r} is not one of {sorted(_TYPES)}")
+    if schema is not None and found != schema:
+        raise InvalidRecord("unknown_schema", f"schema {found!r}, expected {schema!r}")
+    return _build(payload, found)
 
 
 def _load_object(raw: bytes) -> dict[str, Any]:

@@ -144,7 +144,7 @@ class Settings:
         2000, help="publish a policy update after this many new samples", unit="samples"
     )
     publish_every_seconds: float = setting(
-        10.0,
+        1.0,
         help="publish a policy update after this long when at least one new sample arrived",
         unit="seconds",
     )

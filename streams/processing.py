@@ -10,9 +10,9 @@ The agents take events in batches (Faust's ``Stream.take_events``) and hand each
 3. Store each changed user's state once: the local RocksDB and one changelog record.
 
 Samples are acknowledged before the states that emitted them are stored, so a worker that dies in
-between loses no sample: after a restart the events are read again, the stored states do not
-have them yet, and the same samples are emitted a second time with the same ``event_id``. The
-trainer skips a sample it already learned (``sec_online.trainer``). Offsets are committed only
+between loses no sample. After a restart it reads the events again, finds states without them
+and emits the same samples a second time. The trainer skips a sample of a session it already
+learned (``sec_online.trainer``). Offsets are committed only
 after Faust's producer has flushed the changelog, the samples and the dead letters.
 
 Both agents share the users' states, so one lock keeps their batches apart from the first read
@@ -77,7 +77,7 @@ class Rejected:
 
 @dataclass
 class Plan:
-    """What one batch does, computed before anything is sent or stored."""
+    """Samples, state changes and dead letters of one batch, computed before any is sent."""
 
     changes: dict[bytes, UserChange] = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)

@@ -111,8 +111,6 @@ def small_report(kafka_bootstrap: str, kuairand_dir: Path, tmp_path_factory) -> 
     output = tmp_path_factory.mktemp("bench")
     env = dict(os.environ)
     env["SEC_DATA_DIR"] = str(kuairand_dir)
-    # Publish often, so the freshness step waits seconds instead of the default 10 s cadence.
-    env["SEC_PUBLISH_EVERY_SECONDS"] = "1"
     command = [
         sys.executable,
         "-m",

@@ -26,7 +26,7 @@ from sec_online.levels import even_boundaries, level_of
 from sec_online.policy import Policy, decode_update
 from sec_online.reference import reference_user_state
 from sec_online.replay import load_slice, replay
-from sec_online.runtime import create_topics
+from sec_online.runtime import changelog_topic, create_topics
 from sec_online.settings import Settings
 from sec_online.userstate import UserStateMachine
 from sec_online.workerproc import WorkerProcess, wait_processed
@@ -121,6 +121,22 @@ def test_bad_records_dead_lettered(pipeline):
     large = by_reason["too_large"]
     assert large["value_bytes"] == 1_000_100
     assert len(base64.b64decode(large["value_b64"])) == 1_000_100
+
+
+def test_states_stored_in_their_users_partitions(pipeline):
+    # A batch spans partitions, and each user's state must go to the changelog partition of the
+    # user's own events, where a worker owning that partition restores it from.
+    settings, _, _, stats = pipeline
+    # Every user's first session opens with a return; the bad records went to impressions only.
+    source = read_all(settings.bootstrap, settings.topic(topics.RETURNS))
+    partition_of = {r.key: r.partition for r in source}
+    changelog = read_all(settings.bootstrap, changelog_topic(settings))
+    assert {r.key for r in changelog} == set(partition_of)
+    misplaced = [(r.key, r.partition) for r in changelog if r.partition != partition_of[r.key]]
+    assert misplaced == []
+    # One changelog record per user and batch, so at most one per event.
+    assert len(changelog) <= stats["applied"]["impressions"] + stats["applied"]["returns"]
+    assert len({r.partition for r in changelog}) == settings.partitions
 
 
 def test_user_states_match_reference(pipeline, slice_file):
