@@ -22,6 +22,7 @@ TOP_FUNCTIONS = 15
 # Stages of the worker, each recognised by a pattern over the frames of a stack. A stack counts
 # for every stage it contains, so the inclusive shares can add up to more than 100%.
 STAGES = {
+    "batch_processing": r"streams/processing\.py",
     "decode_validate": r"sec_online/schemas\.py",
     "state_update": r"sec_online/userstate\.py",
     "table_get_set": r"faust/tables/|faust/stores/",

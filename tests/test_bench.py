@@ -54,7 +54,7 @@ RUN_TIMEOUT_S = 420
 def test_summarise_collapsed_stacks(tmp_path: Path) -> None:
     collapsed = tmp_path / "worker.pyspy"
     collapsed.write_text(
-        "main (cli.py:1);_handle_impression (/work/main/streams/app.py:9);"
+        "main (cli.py:1);plan_batch (/work/main/streams/processing.py:9);"
         "decode_impression (/work/main/sec_online/schemas.py:3) 30\n"
         "main (cli.py:1);learn_many (/work/main/sec_online/trainer.py:5) 10\n"
         "not a stack line\n"
@@ -67,6 +67,7 @@ def test_summarise_collapsed_stacks(tmp_path: Path) -> None:
         "pct": 75.0,
     }
     assert summary["stages_inclusive_pct"]["decode_validate"] == 75.0
+    assert summary["stages_inclusive_pct"]["batch_processing"] == 75.0
     assert summary["stages_inclusive_pct"]["trainer"] == 25.0
     assert summary["inclusive"][0]["function"] == "main (cli.py)"
     assert summary["inclusive"][0]["pct"] == 100.0
