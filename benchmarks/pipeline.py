@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -135,6 +136,7 @@ def time_consumption(group: WorkerGroup, total: int, timeout_s: float, progress:
     """
     deadline = time.monotonic() + timeout_s
     polls: list[tuple[float, int]] = []
+    cpu: list[float] = []
     last_move = time.monotonic()
     with tqdm(total=total, unit="event", desc="pipeline", disable=not progress) as bar:
         while time.monotonic() < deadline:
@@ -144,9 +146,10 @@ def time_consumption(group: WorkerGroup, total: int, timeout_s: float, progress:
             if committed > 0 and (not polls or committed > polls[-1][1]):
                 bar.update(committed - (polls[-1][1] if polls else 0))
                 polls.append((now, committed))
+                cpu.append(sum(cpu_seconds(pid) for pid in group.pids()))
                 last_move = time.monotonic()
             if committed >= total:
-                return _rates(polls, total)
+                return {**_rates(polls, total), **_cpu_use(polls, cpu)}
             if time.monotonic() - last_move > STALL_S:
                 break
             time.sleep(POLL_S)
@@ -171,6 +174,25 @@ def _rates(polls: list[tuple[float, int]], total: int) -> dict[str, float]:
         "events_timed": last[1] - first[1],
         "consumed_at_first_poll": first[1],
     }
+
+
+def _cpu_use(polls: list[tuple[float, int]], cpu: list[float]) -> dict[str, float]:
+    """CPU time of the workers between the first and the last poll, per second and per event."""
+    seconds = polls[-1][0] - polls[0][0]
+    events = polls[-1][1] - polls[0][1]
+    used = cpu[-1] - cpu[0]
+    return {
+        "worker_cpu_seconds": used,
+        "worker_cpu_share": used / seconds if seconds > 0 else 0.0,
+        "worker_cpu_us_per_event": 1e6 * used / events if events > 0 else 0.0,
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` so far, from /proc (Linux only)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rate(first: tuple[float, int], last: tuple[float, int]) -> float:

@@ -120,6 +120,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             "second half of the events only",
         ),
         ("pipeline_ratio", _fmt(report["pipeline_ratio"], 3), _met(report, "pipeline_ratio")),
+        (
+            "worker CPU per event",
+            _fmt(report["pipeline"]["worker_cpu_us_per_event"], 0),
+            f"µs; the worker used {_fmt(100 * report['pipeline']['worker_cpu_share'], 0)}% of "
+            "one core meanwhile",
+        ),
         ("freshness_input_eps", _fmt(report["freshness_input_eps"], 0), "steady input rate"),
         ("freshness_p50_s", _fmt(report["freshness_p50_s"], 2), ""),
         ("freshness_p99_s", _fmt(report["freshness_p99_s"], 2), _met(report, "freshness_p99_s")),

@@ -101,13 +101,13 @@ class Settings:
         4, help="partitions of the user-keyed topics (impressions, returns)", unit="count"
     )
     events_per_batch: int = setting(
-        1000,
+        2000,
         help="most records of one topic that a worker applies as one batch: one state read and "
         "one changelog record per user, one wait for the batch's samples",
         unit="records",
     )
     batch_wait_seconds: float = setting(
-        0.05,
+        0.25,
         help="longest wait for a batch to fill before the records received so far are applied",
         unit="seconds",
     )

@@ -29,6 +29,7 @@ from streams.processing import (
     RETURNS,
     process_batch,
 )
+from streams.sample_producer import SampleProducer
 from streams.training import TrainerService
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Worker:
     trainer: TrainerService
     impressions_topic: Any
     returns_topic: Any
-    samples_topic: Any
+    sample_producer: SampleProducer
     dead_letters_topic: Any
     # Both agents' batches read and write the same users: one batch at a time.
     batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -123,7 +124,7 @@ def _assemble(settings: Settings, app: faust.App) -> Worker:
         trainer=trainer,
         impressions_topic=_raw_topic(app, settings.topic(topics.IMPRESSIONS), settings.partitions),
         returns_topic=_raw_topic(app, settings.topic(topics.RETURNS), settings.partitions),
-        samples_topic=_raw_topic(app, settings.topic(topics.SAMPLES), 1),
+        sample_producer=SampleProducer(settings.bootstrap, settings.topic(topics.SAMPLES)),
         dead_letters_topic=_raw_topic(app, settings.topic(topics.DEAD_LETTERS), 1),
     )
 
@@ -171,6 +172,14 @@ def _register_tasks(worker: Worker) -> None:
             # RocksDB's timer thread runs on while exit() destroys RocksDB's static objects, and
             # that crashed workers with SIGSEGV (rocksdict 0.3.29).
             worker.trainer.drop_trainer()
+
+    @app.task
+    async def close_sample_producer() -> None:
+        # Shutdown cancels this task, and the sample producer is flushed and closed then.
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await worker.sample_producer.stop()
 
     # While the broker is down, one WARNING every few seconds replaces the Kafka clients' error
     # flood (see streams.broker_watch).

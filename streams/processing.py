@@ -25,7 +25,6 @@ dead-lettered, as before batching.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from faust.streams import _current_event
 
-from sec_online.schemas import InvalidRecord, Sample, decode_impression, decode_return, encode
+from sec_online.schemas import InvalidRecord, Sample, decode_impression, decode_return
 from sec_online.userstate import APPLIED, Outcome, StateConflict
 
 if TYPE_CHECKING:
@@ -220,15 +219,9 @@ async def dead_letter(worker: Worker, event: Any, reason: str, message: str) -> 
 
 
 async def _send_samples(worker: Worker, samples: list[Sample]) -> None:
-    if not samples:
-        return
-    pending = [
-        await worker.samples_topic.send(key=str(sample.user_id).encode(), value=encode(sample))
-        for sample in samples
-    ]
-    # Delivered before any state that emitted them is stored.
-    await asyncio.gather(*pending)
-    worker.metrics.samples_emitted += len(samples)
+    if samples:
+        await worker.sample_producer.send(samples)
+        worker.metrics.samples_emitted += len(samples)
 
 
 def _store(worker: Worker, kind: str, plan: Plan) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from faust.streams import current_event
 
-from sec_online.schemas import Impression, Return, encode
+from sec_online.schemas import Impression, Return, Sample, encode
 from sec_online.settings import Settings
 from sec_online.userstate import UserStateMachine
 from streams.metrics import WorkerMetrics
@@ -71,7 +71,7 @@ class RecordingTable(dict):
 
 
 class RecordingTopic:
-    """A topic whose sends are journalled; awaiting a send's result marks it acknowledged."""
+    """The dead-letter topic: journals each send, and its result is an acknowledged future."""
 
     def __init__(self, journal: Journal, name: str) -> None:
         self.journal = journal
@@ -87,6 +87,21 @@ class RecordingTopic:
         return future
 
 
+class RecordingSampleProducer:
+    """The sample producer: journals each sample, then one acknowledgement for the call."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.sent: list[bytes] = []
+
+    async def send(self, samples: list[Sample]) -> None:
+        for sample in samples:
+            self.sent.append(encode(sample))
+            self.journal.entries.append(("sample", sample.user_id))
+        await asyncio.sleep(0)
+        self.journal.entries.append(("acked", len(samples)))
+
+
 @dataclass
 class FakeWorker:
     """The attributes of ``streams.app.Worker`` that ``streams.processing`` uses."""
@@ -95,14 +110,14 @@ class FakeWorker:
     machine: UserStateMachine
     policy: PolicyFollower
     users: RecordingTable = field(init=False)
-    samples_topic: RecordingTopic = field(init=False)
+    sample_producer: RecordingSampleProducer = field(init=False)
     dead_letters_topic: RecordingTopic = field(init=False)
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     batch_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.users = RecordingTable(self.journal)
-        self.samples_topic = RecordingTopic(self.journal, "sample")
+        self.sample_producer = RecordingSampleProducer(self.journal)
         self.dead_letters_topic = RecordingTopic(self.journal, "dead")
 
 
@@ -206,7 +221,7 @@ def test_samples_acknowledged_before_states_stored():
     kinds = [entry[0] for entry in worker.journal.entries]
     assert kinds == ["sample", "acked", "state"]
     assert worker.metrics.samples_emitted == 1
-    sample = json.loads(worker.samples_topic.sent[0][1])
+    sample = json.loads(worker.sample_producer.sent[0])
     assert (sample["user_id"], sample["session_id"]) == (21, T0)
 
 
