@@ -221,8 +221,8 @@ def _load_object(raw: bytes) -> dict[str, Any]:
     try:
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        # orjson is several times faster but stricter (no NaN, no integers beyond 64 bits, a
-        # nesting limit); the standard decoder gives such records the same reasons as always.
+        # orjson is several times faster but rejects NaN, integers beyond 64 bits and deep
+        # nesting. The standard decoder gives such records the same reasons as before.
         payload = _load_slowly(raw)
     if not isinstance(payload, dict):
         raise InvalidRecord("not_object", f"expected a JSON object, got {type(payload).__name__}")

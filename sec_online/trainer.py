@@ -434,12 +434,12 @@ def _check_compatible(config: dict[str, int], settings: Settings) -> None:
 
 
 def _is_int(value: Any) -> bool:
-    """An integer that fits the int64 tensors of a checkpoint."""
+    """Return whether ``value`` is an integer that fits the int64 tensors of a checkpoint."""
     return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
 
 
 def _int_pairs(values: dict[int, int]) -> torch.Tensor:
-    """A dict of 64-bit integers as a [N, 2] tensor: compact in a checkpoint."""
+    """Pack a dict of 64-bit integers into an [N, 2] tensor, compact in a checkpoint."""
     if not values:
         return torch.zeros((0, 2), dtype=torch.int64)
     return torch.tensor(list(values.items()), dtype=torch.int64)
