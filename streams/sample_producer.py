@@ -64,19 +64,24 @@ class SampleProducer:
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _send_once(self, samples: Sequence[Sample]) -> None:
+        records = [(encode_key(sample.user_id), encode(sample)) for sample in samples]
+        for (key, value), sample in zip(records, samples, strict=True):
+            # A sample is 1 to 2 kB (45 features, at most one pair per video cluster), so this
+            # is a bug, which no retry would fix.
+            if len(key) + len(value) > MAX_BATCH_BYTES:
+                raise ValueError(
+                    f"sample of user {sample.user_id} session {sample.session_id} is "
+                    f"{len(value)} bytes, larger than a record batch ({MAX_BATCH_BYTES} bytes)"
+                )
         producer = await self._started()
         delivered = []
         batch = producer.create_batch()
-        for sample in samples:
-            key, value = encode_key(sample.user_id), encode(sample)
+        for key, value in records:
             if batch.append(key=key, value=value, timestamp=None) is None:
                 delivered.append(await producer.send_batch(batch, self.topic, partition=0))
+                # An empty batch always takes its first record (aiokafka 0.14.0).
                 batch = producer.create_batch()
-                if batch.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(
-                        f"sample of user {sample.user_id} is {len(value)} bytes, larger than a "
-                        f"record batch ({MAX_BATCH_BYTES} bytes)"
-                    )
+                batch.append(key=key, value=value, timestamp=None)
         delivered.append(await producer.send_batch(batch, self.topic, partition=0))
         await asyncio.gather(*delivered)
 
