@@ -12,8 +12,9 @@ Validation rules, checked on each record alone:
   known type, is rejected, because a worker must not guess at a format it was not written for.
 - Integer fields must be JSON integers that fit a signed 64-bit integer (``-2**63 + 1`` to
   ``2**63 - 1``). A float, even ``1e308`` or ``3.0``, a string or a boolean is ``wrong_type``.
-- ``event_id`` is a non-empty string of at most ``MAX_EVENT_ID_CHARS`` characters, because the
-  worker keeps the ids of a session's impressions in the user's state.
+- ``event_id`` is a non-empty string of at most ``MAX_EVENT_ID_CHARS`` characters of valid
+  Unicode text (no lone surrogate escapes), because the worker keeps the ids of a session's
+  impressions in the user's state.
 - Times (``time_ms``, ``session_id``, ``previous_session_id``) lie in a fixed valid range, from
   2000-01-01 to 2100-01-01 UTC. The range is fixed rather than relative to the wall clock
   because a replay publishes the log's 2022 event times today. A record far ahead of the
@@ -269,6 +270,14 @@ def _check_event_id(value: Any) -> None:
         raise InvalidRecord(
             "too_large", f"event_id has {len(value)} characters, limit {MAX_EVENT_ID_CHARS}"
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON allows an escaped lone surrogate such as "\ud800", but it is not text, and the
+        # user's state, which keeps the id, could not be written as UTF-8 JSON.
+        raise InvalidRecord(
+            "undecodable", f"event_id {value!r} is not valid Unicode text: {exc.reason}"
+        ) from exc
 
 
 def _check_int(name: str, value: Any) -> None:

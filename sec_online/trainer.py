@@ -348,10 +348,17 @@ class Trainer:
     def _prepare(self, sample: Sample) -> _Example | str:
         """Turn a sample into tensors, or return the reason to skip it."""
         user_id, session_id = sample.user_id, sample.session_id
-        if _is_int(user_id) and _is_int(session_id):
-            if session_id <= self.last_sessions.get(user_id, -1):
-                return SKIP_REPEATED
+        tracked = _is_int(user_id) and _is_int(session_id)
+        if tracked and session_id <= self.last_sessions.get(user_id, -1):
+            return SKIP_REPEATED
+        example = self._validate(sample)
+        # Only a sample that is learned marks its session, so an invalid one is counted as
+        # invalid again when it is sent again.
+        if tracked and not isinstance(example, str):
             self.last_sessions[user_id] = session_id
+        return example
+
+    def _validate(self, sample: Sample) -> _Example | str:
         level = sample.level
         if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < self.n_levels:
             return SKIP_LEVEL

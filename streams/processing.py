@@ -162,7 +162,27 @@ async def process_batch(worker: Worker, kind: str, events: Sequence[Any]) -> Non
             )
             await _process_singly(worker, kind, events)
             return
-        await _commit(worker, kind, plan)
+        try:
+            await _commit(worker, kind, plan)
+        except Exception as exc:  # noqa: BLE001 - every record is kept on the dead-letter topic
+            await _reject_batch(worker, kind, events, exc)
+
+
+async def _reject_batch(worker: Worker, kind: str, events: Sequence[Any], exc: Exception) -> None:
+    """Dead-letter every record of a batch whose samples or states failed to go out.
+
+    An agent that raised here would stop taking records for good, so the batch is kept whole
+    on the dead-letter topic instead. Some of its records may have been applied before the
+    error: published again, those count as duplicates.
+    """
+    logger.exception(
+        "storing a batch of %d %s records failed; dead-lettering all of them", len(events), kind
+    )
+    message = (
+        f"batch failed after planning, some records may be applied: {type(exc).__name__}: {exc}"
+    )
+    for event in events:
+        await dead_letter(worker, event, "processing_error", message)
 
 
 async def _process_singly(worker: Worker, kind: str, events: Sequence[Any]) -> None:

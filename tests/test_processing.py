@@ -28,6 +28,8 @@ MINUTE = 60_000
 CLUSTERS = 4
 # A video whose cluster lookup fails, standing in for a bug met by one record only.
 BROKEN_VIDEO = 666
+# A user whose state write fails, standing in for a store or changelog error.
+FAILING_USER = b"61"
 
 
 @dataclass
@@ -59,6 +61,8 @@ class RecordingTable(dict):
         self.journal = journal
 
     def __setitem__(self, key: bytes, value: dict[str, Any]) -> None:
+        if key == FAILING_USER:
+            raise OSError("disk full")
         event = current_event()
         partition = event.message.partition if event is not None else None
         self.journal.entries.append(("state", key, partition))
@@ -275,3 +279,17 @@ def test_redelivered_batch_counts_duplicates():
     again = worker.users.get(b"51")
     assert again.pop("duplicates") == state.pop("duplicates") + 3
     assert again == state
+
+
+def test_failed_store_dead_letters_batch():
+    worker = make_worker()
+    impressions = two_sessions(61, [1, 2])[0] + two_sessions(62, [3])[0]
+    events = events_of(impressions, "impressions")
+
+    run(worker, IMPRESSIONS, events)
+
+    letters = [json.loads(value) for _, value in worker.dead_letters_topic.sent]
+    assert [letter["offset"] for letter in letters] == [0, 1, 2]
+    assert {letter["reason"] for letter in letters} == {"processing_error"}
+    assert "OSError: disk full" in letters[0]["message"]
+    assert worker.metrics.dead_letters == {"processing_error": 3}

@@ -147,3 +147,11 @@ def test_gap_before_previous_session_rejected():
     with pytest.raises(InvalidRecord, match="before its start") as error:
         decode_return(json.dumps(record).encode())
     assert error.value.reason == "out_of_range"
+
+
+def test_lone_surrogate_event_id_rejected():
+    record = json.loads(encode(Impression("e", 1, 2, MIN_TIME_MS, MIN_TIME_MS, *[0] * 7, 1, 1, 1)))
+    raw = json.dumps(record).replace('"event_id": "e"', '"event_id": "x\\ud800y"').encode()
+    with pytest.raises(InvalidRecord, match="not valid Unicode text") as caught:
+        decode_impression(raw)
+    assert caught.value.reason == "undecodable"
