@@ -217,6 +217,8 @@ def _build_record(payload: Any, schema: str | None) -> Impression | Return:
 def _load_object(raw: bytes) -> dict[str, Any]:
     if raw is None:
         raise InvalidRecord("undecodable", "record has no value")
+    if not raw:
+        raise InvalidRecord("undecodable", "record value is empty")
     if len(raw) > MAX_RECORD_BYTES:
         raise InvalidRecord("too_large", f"{len(raw)} bytes, limit {MAX_RECORD_BYTES}")
     try:
@@ -283,9 +285,11 @@ def _check_event_id(value: Any) -> None:
 def _check_int(name: str, value: Any) -> None:
     # bool is an int subclass in Python, but true/false in JSON is a schema error here.
     if isinstance(value, bool) or not isinstance(value, int):
+        # Messages spell the value as JSON (true, null), as the producer wrote it.
+        text = json.dumps(value)
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            raise InvalidRecord("wrong_type", f"{name}={value!r} must be an integer literal")
-        raise InvalidRecord("wrong_type", f"{name}={value!r} must be an integer")
+            raise InvalidRecord("wrong_type", f"{name}={text} must be an integer literal")
+        raise InvalidRecord("wrong_type", f"{name}={text} must be an integer")
     if not -MAX_INT <= value <= MAX_INT:
         raise InvalidRecord("out_of_range", f"{name}={value} does not fit a 64-bit integer")
 

@@ -155,3 +155,16 @@ def test_lone_surrogate_event_id_rejected():
     with pytest.raises(InvalidRecord, match="not valid Unicode text") as caught:
         decode_impression(raw)
     assert caught.value.reason == "undecodable"
+
+
+def test_empty_value_named_in_message():
+    with pytest.raises(InvalidRecord, match="record value is empty") as caught:
+        decode_impression(b"")
+    assert caught.value.reason == "undecodable"
+
+
+def test_wrong_type_spelled_as_json():
+    record = json.loads(encode(Impression("e", 1, 2, MIN_TIME_MS, MIN_TIME_MS, *[0] * 7, 1, 1, 1)))
+    record["click"] = True
+    with pytest.raises(InvalidRecord, match="click=true must be an integer"):
+        decode_impression(json.dumps(record).encode())
