@@ -108,7 +108,7 @@ class Settings:
     )
     batch_wait_seconds: float = setting(
         0.25,
-        help="longest wait for a batch to fill before the records received so far are applied",
+        help="maximum wait for a batch to fill before the records received so far are applied",
         unit="seconds",
     )
     web_port: int = setting(6066, help="port of the worker's HTTP server", unit="TCP port")

@@ -15,8 +15,8 @@ and emits the same samples a second time. The trainer skips a sample of a sessio
 learned (``sec_online.trainer``). Offsets are committed only
 after Faust's producer has flushed the changelog, the samples and the dead letters.
 
-Both agents share the users' states, so one lock keeps their batches apart from the first read
-to the last write; the wait for the samples' acknowledgement happens inside it.
+Both agents change the same users, so one lock keeps their batches apart from the first read to
+the last write. The wait for the samples' acknowledgement happens inside the lock.
 
 A record that raises an unexpected error (a bug, not a rejected record) makes the whole plan
 void; the batch is then planned again one record at a time, so only that record is
@@ -96,7 +96,7 @@ def as_current(event: Any) -> None:
 
 
 def plan_batch(worker: Worker, kind: str, events: Sequence[Any]) -> Plan:
-    """Decode and apply ``events`` in memory; nothing is sent or stored yet."""
+    """Decode and apply ``events`` in memory, without sending or storing anything."""
     plan = Plan()
     if kind == IMPRESSIONS:
         decode: Callable[[bytes], Any] = decode_impression
@@ -149,7 +149,7 @@ def _check_key(event: Any, user_id: int) -> None:
 
 
 async def process_batch(worker: Worker, kind: str, events: Sequence[Any]) -> None:
-    """Apply a batch of records of one topic; see the module docstring for the order of steps."""
+    """Apply a batch of records of one topic, in the steps that the module docstring lists."""
     worker.metrics.consumed[kind] += len(events)
     async with worker.batch_lock:
         try:
@@ -162,10 +162,14 @@ async def process_batch(worker: Worker, kind: str, events: Sequence[Any]) -> Non
             )
             await _process_singly(worker, kind, events)
             return
-        try:
-            await _commit(worker, kind, plan)
-        except Exception as exc:  # noqa: BLE001 - every record is kept on the dead-letter topic
-            await _reject_batch(worker, kind, events, exc)
+        await _commit_or_reject(worker, kind, plan, events)
+
+
+async def _commit_or_reject(worker: Worker, kind: str, plan: Plan, events: Sequence[Any]) -> None:
+    try:
+        await _commit(worker, kind, plan)
+    except Exception as exc:  # noqa: BLE001 - every record is kept on the dead-letter topic
+        await _reject_batch(worker, kind, events, exc)
 
 
 async def _reject_batch(worker: Worker, kind: str, events: Sequence[Any], exc: Exception) -> None:
@@ -199,7 +203,7 @@ async def _process_singly(worker: Worker, kind: str, events: Sequence[Any]) -> N
             await dead_letter(worker, event, "processing_error", f"{type(exc).__name__}: {exc}")
             continue
         # Committed before the next record is planned, which reads the state stored here.
-        await _commit(worker, kind, plan)
+        await _commit_or_reject(worker, kind, plan, [event])
 
 
 async def _commit(worker: Worker, kind: str, plan: Plan) -> None:

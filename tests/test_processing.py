@@ -293,3 +293,19 @@ def test_failed_store_dead_letters_batch():
     assert {letter["reason"] for letter in letters} == {"processing_error"}
     assert "OSError: disk full" in letters[0]["message"]
     assert worker.metrics.dead_letters == {"processing_error": 3}
+
+
+def test_failed_store_one_at_a_time():
+    # A planning error sends the batch through one record at a time, where a failing store must
+    # dead-letter its record instead of stopping the agent.
+    worker = make_worker()
+    impressions = two_sessions(61, [1])[0] + two_sessions(63, [BROKEN_VIDEO, 2])[0]
+    events = events_of(impressions, "impressions")
+
+    run(worker, IMPRESSIONS, events)
+
+    letters = [json.loads(value) for _, value in worker.dead_letters_topic.sent]
+    assert [letter["offset"] for letter in letters] == [0, 1]
+    assert "OSError: disk full" in letters[0]["message"]
+    assert "KeyError" in letters[1]["message"]
+    assert worker.users.get(b"63")["impressions"] == 1
